@@ -1,0 +1,165 @@
+"""The ``tuneforge`` command line: train, evaluate, predict, demo.
+
+Bad input ends with one line on stderr (``error: ...``) and exit code 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+from rich.console import Console
+
+from tuneforge.errors import TuneforgeError
+
+EXIT_BAD_INPUT = 2
+DEMO_EXAMPLES = [
+    "where is my parcel, it was due on monday",
+    "please cancel the order I placed an hour ago",
+    "the mug arrived in pieces",
+    "I keep getting 'wrong password' even after resetting it",
+    "I moved last week, can you send it to my new flat instead?",
+    "I returned the shoes two weeks ago and still have not got my money back",
+]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune, evaluate and run text classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune a model from a YAML config")
+    p.add_argument("config", type=Path)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=3 (repeatable)")  # fmt: skip
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("evaluate", help="evaluate a run directory on a labelled file")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--text-column")
+    p.add_argument("--label-column")
+    p.add_argument("--encoding")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    p = sub.add_parser("predict", help="classify texts with a run directory")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("texts", nargs="*", help="texts to classify")
+    p.add_argument("--file", type=Path, help="a .txt file (one text per line) or a CSV/TSV/JSONL/Parquet file")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = sub.add_parser("demo", help="fine-tune the default model on the bundled demo data")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace, console: Console) -> int:
+    from tuneforge.config import load_config
+    from tuneforge.train.loop import train
+
+    config = load_config(args.config, args.overrides)
+    train(config, resume=args.resume, overwrite=args.overwrite, console=console, show_progress=not args.no_progress)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace, console: Console) -> int:
+    from tuneforge.infer.evaluate import evaluate_file
+
+    metrics, path = evaluate_file(
+        args.run_dir, args.data, text_column=args.text_column, label_column=args.label_column, encoding=args.encoding
+    )
+    if args.json:
+        print(json.dumps({k: v for k, v in metrics.items() if k != "confusion_matrix"}, indent=2))
+    else:
+        print(f"accuracy {metrics['accuracy']:.2f}  macro-F1 {metrics['macro_f1']:.2f}  (n={metrics['n']})")
+        console.print(f"metrics: {path}")
+    return 0
+
+
+def _read_texts(path: Path, text_column: str) -> list[str]:
+    from tuneforge.data import read_labelled_file
+    from tuneforge.errors import DataError
+
+    if path.suffix.lower() == ".txt":
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise DataError(f"{path}: file not found") from None
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: cannot decode bytes as utf-8 (byte {exc.object[exc.start]:#x})") from None
+        return [line for line in lines if line.strip()]
+    return read_labelled_file(path, text_column=text_column, require_labels=False).texts
+
+
+def _cmd_predict(args: argparse.Namespace, console: Console) -> int:
+    from tuneforge.errors import TuneforgeError
+    from tuneforge.infer.predictor import Predictor
+
+    texts = list(args.texts)
+    if args.file:
+        texts += _read_texts(args.file, args.text_column)
+    if not texts:
+        raise TuneforgeError("predict: give texts as arguments or --file FILE")
+    if args.top_k < 1:
+        raise TuneforgeError("--top-k: must be at least 1")
+    predictor = Predictor(args.run_dir)
+    for text, prediction in zip(texts, predictor.predict(texts, top_k=args.top_k), strict=True):
+        if args.json:
+            print(json.dumps({"text": text, **prediction.to_dict()}, ensure_ascii=False))
+        else:
+            print(f"{prediction.label}\t{prediction.probability:.4f}\t{text}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
+    from tuneforge.config import validate_config
+    from tuneforge.infer.predictor import Predictor
+    from tuneforge.train.loop import train
+
+    data_file = Path(str(files("tuneforge.demo") / "support_intents.csv"))
+    config = validate_config(
+        {
+            "model": {"name": "minilm-l6", "max_length": 64},
+            "data": {"train": str(data_file), "validation_size": 0.2},
+            "train": {"max_auto_epochs": 15},
+            "output": {"dir": str(args.out)},
+        }
+    )
+    console.print(f"[bold]tuneforge demo[/bold]: fine-tuning minilm-l6 on {data_file.name} (customer-support intents)")
+    # The demo owns its run directory, so re-running it replaces the previous demo run.
+    result = train(config, overwrite=True, console=console, show_progress=not args.no_progress)
+    predictor = Predictor(result.run_dir)
+    console.print("\n[bold]predictions on new messages[/bold]")
+    for text, prediction in zip(DEMO_EXAMPLES, predictor.predict(DEMO_EXAMPLES), strict=True):
+        console.print(f"  {prediction.label:<15} {prediction.probability:5.2f}  {text}")
+    console.print(f"\ntry: tuneforge predict {result.run_dir} \"my package never arrived\"")
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "demo": _cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console(stderr=True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return COMMANDS[args.command](args, console)
+    except TuneforgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

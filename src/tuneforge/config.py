@@ -1,0 +1,193 @@
+"""One validated schema for a whole tuneforge run.
+
+A run is described by one YAML file; ``--set key=value`` overrides any key from the command line.
+Unknown keys and bad values fail here, before any work, with a message naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tuneforge.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        "minilm-l6",
+        description="Registry name (minilm-l6), a local Hugging Face folder, or a hub id (online only).",
+    )
+    max_length: int = Field(128, ge=8, description="Tokens per text; longer texts are truncated.")
+    trust_pickle: bool = Field(
+        False, description="Allow loading pickled .bin/.pt weights. Only for files you trust."
+    )
+    hidden_dropout: float | None = Field(None, ge=0.0, lt=1.0, description="None keeps the model's.")
+    attention_dropout: float | None = Field(None, ge=0.0, lt=1.0, description="None keeps the model's.")
+    classifier_dropout: float | None = Field(None, ge=0.0, lt=1.0)
+
+
+class DataConfig(_Section):
+    train: Path = Field(..., description="Training file: .csv, .tsv, .jsonl or .parquet.")
+    validation: Path | None = Field(None, description="Given validation file; else a split of train.")
+    test: Path | None = Field(None, description="Optional test file, evaluated after training.")
+    format: Literal["auto", "csv", "tsv", "jsonl", "parquet"] = "auto"
+    text_column: str = "text"
+    label_column: str = "label"
+    encoding: str = Field("utf-8", description="Text encoding of CSV/TSV/JSONL files, e.g. latin-1.")
+    lowercase: bool = False
+    validation_size: float = Field(0.1, gt=0.0, lt=0.5, description="Used when no validation file.")
+    max_train_rows: int | None = Field(
+        None, ge=2, description="Seeded stratified subsample of the training set."
+    )
+    drop_conflicts: bool = Field(False, description="Drop texts that carry more than one label.")
+    drop_leaked: bool = Field(
+        False, description="Drop train rows whose normalised text also occurs in validation/test."
+    )
+
+    @model_validator(mode="after")
+    def _encoding_exists(self) -> DataConfig:
+        import codecs
+
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError as exc:
+            raise ValueError(f"unknown encoding {self.encoding!r}") from exc
+        return self
+
+
+class TrainConfig(_Section):
+    epochs: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="None: enough epochs to see ~min_train_samples examples (1..max_auto_epochs).",
+    )
+    min_train_samples: int = Field(100_000, ge=1)
+    max_auto_epochs: int = Field(20, ge=1)
+    batch_size: int = Field(32, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-4, gt=0.0, le=1.0)
+    head_learning_rate: float | None = Field(
+        2e-3, gt=0.0, le=1.0, description="Classifier head's learning rate; None uses learning_rate."
+    )
+    weight_decay: float = Field(0.01, ge=0.0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    early_stopping_patience: int | None = Field(
+        3, ge=1, description="Evaluations without improvement before stopping; None disables."
+    )
+    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    eval_every_steps: int | None = Field(None, ge=1, description="None: evaluate once per epoch.")
+    checkpoint_every_steps: int = Field(200, ge=1)
+    group_by_length: bool = True
+    eval_batch_size: int = Field(128, ge=1)
+    seed: int = 42
+    threads: int | None = Field(None, ge=1, description="torch threads; None uses all cores.")
+
+
+class OutputConfig(_Section):
+    dir: Path = Field(Path("runs/run"), description="The run directory this run writes.")
+
+
+class RunConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(config)"
+        if item["type"] == "extra_forbidden":
+            problems.append(f"{key}: unknown key{_allowed_keys_hint(item['loc'])}")
+        elif item["type"] == "missing":
+            problems.append(f"{key}: required key is missing")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}: {message} (got {item.get('input')!r})")
+    return "; ".join(problems)
+
+
+def _allowed_keys_hint(loc: tuple[Any, ...]) -> str:
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    return f" (allowed: {', '.join(model.model_fields)})"
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.epochs=3")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed as YAML scalars) to a raw config dict."""
+    for item in overrides:
+        parts, value = _parse_override(item)
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def validate_config(raw: dict[str, Any], base_dir: Path | None = None) -> RunConfig:
+    """Validate a raw dict; relative data paths resolve against ``base_dir`` (the YAML's folder)."""
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+    if base_dir is not None:
+        data = config.data
+        for key in ("train", "validation", "test"):
+            path = getattr(data, key)
+            if path is not None and not path.is_absolute() and not path.exists():
+                candidate = base_dir / path
+                if candidate.exists():
+                    setattr(data, key, candidate)
+    return config
+
+
+def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply ``--set`` overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections (model, data, train, output)")
+    raw = apply_overrides(raw, overrides or [])
+    return validate_config(raw, base_dir=path.parent)

@@ -1,0 +1,174 @@
+"""Data audit: duplicates, conflicting labels, leakage between splits, class balance, token lengths.
+
+The report is a plain JSON-serialisable dict so it can be written into the run directory as is.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from tuneforge.data.cleaning import normalise_for_matching
+from tuneforge.data.readers import LabelledTexts
+
+MAX_EXAMPLES = 10
+_TOKENIZE_BATCH = 1000
+_PERCENTILES = (50, 90, 95, 99)
+
+
+def _label_groups(data: LabelledTexts) -> dict[str, dict[str, list[int]]]:
+    """normalised text -> label -> positions."""
+    groups: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for i, (text, label) in enumerate(zip(data.texts, data.labels, strict=True)):
+        groups[normalise_for_matching(text)][label].append(i)
+    return groups
+
+
+def token_lengths(tokenizer: Any, texts: Sequence[str]) -> list[int]:
+    """Token counts including special tokens, without truncation; tokenised in batches to bound memory."""
+    lengths: list[int] = []
+    for start in range(0, len(texts), _TOKENIZE_BATCH):
+        batch = list(texts[start : start + _TOKENIZE_BATCH])
+        # verbose=False: HF warns about every text longer than the model limit, which is what we measure.
+        encoded = tokenizer(batch, add_special_tokens=True, truncation=False, verbose=False)
+        lengths.extend(len(ids) for ids in encoded["input_ids"])
+    return lengths
+
+
+def _length_stats(lengths: list[int], max_length: int | None) -> dict[str, Any]:
+    if not lengths:
+        return {}
+    values = np.asarray(lengths)
+    # "higher" gives an actual token count, and errs on the long side when choosing max_length.
+    stats: dict[str, Any] = {f"p{q}": int(np.percentile(values, q, method="higher")) for q in _PERCENTILES}
+    stats["max"] = int(values.max())
+    stats["mean"] = round(float(values.mean()), 1)
+    if max_length is not None:
+        truncated = int((values > max_length).sum())
+        stats["max_length"] = max_length
+        stats["truncated"] = truncated
+        stats["truncated_share"] = round(truncated / len(lengths), 4)
+    return stats
+
+
+def _split_report(data: LabelledTexts, tokenizer: Any, max_length: int | None) -> dict[str, Any]:
+    counts = Counter(data.labels)
+    groups = _label_groups(data)
+    conflicts = [(key, by_label) for key, by_label in groups.items() if len(by_label) > 1]
+    conflict_examples = []
+    for _key, by_label in conflicts[:MAX_EXAMPLES]:
+        first = min(i for positions in by_label.values() for i in positions)
+        conflict_examples.append(
+            {
+                "text": data.texts[first],
+                "labels": sorted(by_label),
+                "rows": sorted(data.rows[i] for positions in by_label.values() for i in positions)[:5],
+            }
+        )
+    report: dict[str, Any] = {
+        "source": data.source,
+        "rows": len(data),
+        "classes": len(counts),
+        "class_counts": dict(sorted(counts.items(), key=lambda item: (-item[1], item[0]))),
+        "imbalance_ratio": round(max(counts.values()) / min(counts.values()), 2) if counts else None,
+        # Extra copies beyond the first; "normalised" ignores case, width and spacing, so it includes exact.
+        "exact_duplicates": len(data) - len(set(data.texts)),
+        "normalised_duplicates": len(data) - len(groups),
+        "conflicting_labels": {
+            "count": len(conflicts),
+            "rows": sum(len(positions) for _, by_label in conflicts for positions in by_label.values()),
+            "examples": conflict_examples,
+        },
+    }
+    if tokenizer is not None:
+        report["token_lengths"] = _length_stats(token_lengths(tokenizer, data.texts), max_length)
+    return report
+
+
+def audit_splits(
+    splits: dict[str, LabelledTexts], *, tokenizer: Any = None, max_length: int | None = None
+) -> dict[str, Any]:
+    """Audit each split and, when a ``train`` split is given, leakage and unseen labels against it."""
+    report: dict[str, Any] = {
+        "splits": {
+            name: _split_report(data, tokenizer, max_length)
+            for name, data in splits.items()
+            if data is not None
+        },
+        "leakage": {},
+        "labels_not_in_train": {},
+    }
+    train = splits.get("train")
+    if train is None:
+        return report
+    train_keys = {normalise_for_matching(text) for text in train.texts}
+    train_labels = set(train.labels)
+    for name, data in splits.items():
+        if name == "train" or data is None:
+            continue
+        leaked = [i for i, text in enumerate(data.texts) if normalise_for_matching(text) in train_keys]
+        report["leakage"][name] = {
+            "count": len(leaked),
+            "share": round(len(leaked) / len(data), 4) if len(data) else 0.0,
+            "examples": [{"text": data.texts[i], "row": data.rows[i]} for i in leaked[:MAX_EXAMPLES]],
+        }
+        unseen = sorted(set(data.labels) - train_labels)
+        if unseen:
+            report["labels_not_in_train"][name] = unseen
+    return report
+
+
+def drop_conflicts(data: LabelledTexts) -> tuple[LabelledTexts, int]:
+    """Drop every row whose normalised text occurs with more than one label (no label can be trusted)."""
+    groups = _label_groups(data)
+    bad = {key for key, by_label in groups.items() if len(by_label) > 1}
+    keep = [i for i, text in enumerate(data.texts) if normalise_for_matching(text) not in bad]
+    return data.subset(keep), len(data) - len(keep)
+
+
+def drop_leaked(train: LabelledTexts, others: list[LabelledTexts]) -> tuple[LabelledTexts, int]:
+    """Drop train rows whose normalised text occurs in any of ``others`` (validation/test)."""
+    held_out = {normalise_for_matching(text) for data in others if data is not None for text in data.texts}
+    keep = [i for i, text in enumerate(train.texts) if normalise_for_matching(text) not in held_out]
+    return train.subset(keep), len(train) - len(keep)
+
+
+def _split_line(name: str, split: dict[str, Any]) -> str:
+    parts = [f"{split['rows']:,} rows", f"{split['classes']} classes"]
+    if split.get("imbalance_ratio") is not None and split["classes"] > 1:
+        parts[-1] += f" (max/min {split['imbalance_ratio']:g})"
+    conflicts = split["conflicting_labels"]["count"]
+    parts.append(
+        f"duplicates {split['exact_duplicates']:,} exact / {split['normalised_duplicates']:,} normalised"
+    )
+    parts.append(f"{conflicts:,} texts with conflicting labels")
+    lengths = split.get("token_lengths")
+    if lengths:
+        text = f"tokens p50 {lengths['p50']} p95 {lengths['p95']} max {lengths['max']}"
+        if "truncated" in lengths:
+            text += (
+                f", {lengths['truncated']:,} ({lengths['truncated_share']:.1%}) over {lengths['max_length']}"
+            )
+        parts.append(text)
+    return f"{name}: " + ", ".join(parts)
+
+
+def format_audit(report: dict[str, Any]) -> str:
+    """A few plain-text lines summarising an audit report, for the terminal."""
+    lines = [_split_line(name, split) for name, split in report.get("splits", {}).items()]
+    leakage = report.get("leakage", {})
+    if leakage:
+        lines.append(
+            "overlap with train: "
+            + ", ".join(f"{name} {info['count']:,} rows" for name, info in leakage.items())
+        )
+    for name, labels in report.get("labels_not_in_train", {}).items():
+        shown = ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else "")
+        lines.append(f"labels in {name} but not in train: {shown}")
+    dropped = {key: value for key, value in report.get("dropped", {}).items() if value}
+    if dropped:
+        lines.append("dropped: " + ", ".join(f"{key} {value:,}" for key, value in dropped.items()))
+    return "\n".join(lines)

@@ -1,0 +1,46 @@
+"""Evaluate a trained run on a labelled file: metrics JSON and a confusion-matrix PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tuneforge.config import DataConfig
+from tuneforge.data import read_eval_file
+from tuneforge.files import atomic_write_json
+from tuneforge.infer.predictor import Predictor
+from tuneforge.metrics import classification_metrics, plot_confusion_matrix
+
+
+def evaluate_file(
+    run_dir: Path | str,
+    data_path: Path | str,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    encoding: str | None = None,
+    out_dir: Path | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """Score ``data_path`` with the run's model; write ``<out_dir>/<file stem>.json`` and ``.png``."""
+    predictor = Predictor(run_dir)
+    saved = yaml.safe_load(predictor.run.config_file.read_text(encoding="utf-8")) or {}
+    data_cfg = dict(saved.get("data", {}))
+    data_cfg["train"] = data_cfg.get("train") or str(data_path)
+    for key, value in (("text_column", text_column), ("label_column", label_column), ("encoding", encoding)):
+        if value is not None:
+            data_cfg[key] = value
+    cfg = DataConfig.model_validate(data_cfg)
+    data = read_eval_file(Path(data_path), cfg, predictor.labels)
+    index = {label: i for i, label in enumerate(predictor.labels)}
+    probabilities = predictor.predict_proba(data.texts)
+    predicted = [max(range(len(row)), key=row.__getitem__) for row in probabilities]
+    metrics = classification_metrics([index[y] for y in data.labels], predicted, predictor.labels)
+    metrics["data"] = str(data_path)
+    out_dir = out_dir or predictor.run.path / "evaluations"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = Path(data_path).stem
+    atomic_write_json(out_dir / f"{stem}.json", metrics)
+    plot_confusion_matrix(metrics["confusion_matrix"], predictor.labels, out_dir / f"{stem}.png", f"{stem} confusion matrix")
+    return metrics, out_dir / f"{stem}.json"

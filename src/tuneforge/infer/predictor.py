@@ -1,0 +1,62 @@
+"""Load a run directory and classify texts. Never imports training code."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from tuneforge.data.batching import encode_texts
+from tuneforge.data.cleaning import clean_text
+from tuneforge.models.loading import load_classifier, predict_logits, softmax
+from tuneforge.rundir import RunDir, open_run_dir
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    probability: float
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "label": self.label,
+            "probability": round(self.probability, 6),
+            "top_k": [{"label": label, "probability": round(p, 6)} for label, p in self.top_k],
+        }
+
+
+class Predictor:
+    """Classify texts with a trained run: the same cleaning and truncation as in training."""
+
+    def __init__(self, run_dir: Path | str, *, threads: int | None = None, batch_size: int = 64) -> None:
+        self.run: RunDir = open_run_dir(run_dir)
+        if threads:
+            torch.set_num_threads(threads)
+        elif torch.get_num_threads() > (os.cpu_count() or 1):
+            torch.set_num_threads(os.cpu_count() or 1)
+        self.labels = self.run.labels()
+        self.model, self.tokenizer = load_classifier(self.run.model_dir)
+        saved = yaml.safe_load(self.run.config_file.read_text(encoding="utf-8")) if self.run.config_file.exists() else {}
+        saved = saved or {}
+        self.max_length: int = int(saved.get("model", {}).get("max_length", 128))
+        self.lowercase: bool = bool(saved.get("data", {}).get("lowercase", False))
+        self.batch_size = batch_size
+        self.pad_id = self.tokenizer.pad_token_id or 0
+
+    def predict_proba(self, texts: list[str]) -> "list[list[float]]":
+        cleaned = [clean_text(t, lowercase=self.lowercase) for t in texts]
+        ids = encode_texts(self.tokenizer, cleaned, self.max_length)
+        logits = predict_logits(self.model, ids, pad_id=self.pad_id, batch_size=self.batch_size)
+        return softmax(logits).tolist()
+
+    def predict(self, texts: list[str], *, top_k: int = 1) -> list[Prediction]:
+        results = []
+        for row in self.predict_proba(texts):
+            ranked = sorted(zip(self.labels, row, strict=True), key=lambda item: item[1], reverse=True)
+            best_label, best_p = ranked[0]
+            results.append(Prediction(best_label, float(best_p), [(lab, float(p)) for lab, p in ranked[:top_k]]))
+        return results

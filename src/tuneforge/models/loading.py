@@ -1,0 +1,109 @@
+"""Load a pretrained encoder as a sequence classifier, and run it efficiently on a list of texts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from tuneforge.config import ModelConfig
+from tuneforge.data.batching import collate
+from tuneforge.errors import ConfigError, ModelError
+from tuneforge.models.registry import check_weights_are_safe, model_max_positions, resolve_model
+
+
+def _quiet_transformers() -> None:
+    # "Some weights were newly initialized" is expected for a fresh classifier head, and per-load
+    # progress bars drown our own; tuneforge reports what matters itself.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    source = resolve_model(cfg.name, trust_pickle=cfg.trust_pickle)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.name: cannot load the tokenizer of {cfg.name!r}: {str(exc).splitlines()[0]}") from None
+
+
+def load_base_for_classification(
+    cfg: ModelConfig, labels: list[str]
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, list[str]]:
+    """Load ``cfg.name`` with a fresh head for ``labels``; return model, tokenizer, new-parameter names."""
+    source = resolve_model(cfg.name, trust_pickle=cfg.trust_pickle)
+    _quiet_transformers()
+    overrides: dict[str, object] = {}
+    if cfg.hidden_dropout is not None:
+        overrides["hidden_dropout_prob"] = cfg.hidden_dropout
+    if cfg.attention_dropout is not None:
+        overrides["attention_probs_dropout_prob"] = cfg.attention_dropout
+    if cfg.classifier_dropout is not None:
+        overrides["classifier_dropout"] = cfg.classifier_dropout
+    try:
+        model_config = AutoConfig.from_pretrained(
+            source,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            problem_type="single_label_classification",
+            **overrides,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.name: cannot load {cfg.name!r}: {str(exc).splitlines()[0]}") from None
+    limit = model_max_positions(model_config)
+    if limit is not None and cfg.max_length > limit:
+        raise ConfigError(f"model.max_length: {cfg.max_length} exceeds the model's limit of {limit} tokens")
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            source,
+            config=model_config,
+            use_safetensors=not cfg.trust_pickle,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.name: cannot load {cfg.name!r}: {str(exc).splitlines()[0]}") from None
+    new_parameters = [name for name in info.get("missing_keys", [])]
+    return model, tokenizer, new_parameters
+
+
+def load_classifier(model_dir: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """Load a fine-tuned classifier folder (safetensors only) for inference."""
+    check_weights_are_safe(model_dir, trust_pickle=False)
+    _quiet_transformers()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{model_dir}: cannot load the model: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    return model, tokenizer
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: torch.nn.Module, encoded: list[list[int]], *, pad_id: int, batch_size: int = 128
+) -> np.ndarray:
+    """Logits for pre-tokenised texts, in input order; batches are length-sorted so padding is minimal."""
+    was_training = model.training
+    model.eval()
+    num_labels = model.config.num_labels
+    logits = np.zeros((len(encoded), num_labels), dtype=np.float32)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        batch = collate([encoded[i] for i in indices], pad_id)
+        logits[indices] = model(**batch).logits.float().numpy()
+    model.train(was_training)
+    return logits
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)

@@ -1,0 +1,91 @@
+"""The run directory: the contract between pipeline stages, as plain files.
+
+    RUN_DIR/
+      model/               Hugging Face folder (config.json, model.safetensors, tokenizer files);
+                           AutoModelForSequenceClassification.from_pretrained(RUN_DIR/"model") loads it
+      labels.json          label names in class-index order
+      config.yaml          the resolved config that produced this run
+      audit.json           the data audit (duplicates, conflicts, leakage, lengths)
+      metrics.json         validation (and test) metrics of the kept model
+      train_log.jsonl      one JSON object per logged step and evaluation
+      confusion_matrix.png
+      checkpoints/last/    resume state (weights, optimizer, RNG, position); removed after success
+
+Later stages read a run through this module only, never through training code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuneforge.errors import RunDirError
+
+MODEL_DIR = "model"
+LABELS_FILE = "labels.json"
+CONFIG_FILE = "config.yaml"
+AUDIT_FILE = "audit.json"
+METRICS_FILE = "metrics.json"
+TRAIN_LOG_FILE = "train_log.jsonl"
+CONFUSION_PNG = "confusion_matrix.png"
+CHECKPOINT_DIR = "checkpoints/last"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / MODEL_DIR
+
+    @property
+    def labels_file(self) -> Path:
+        return self.path / LABELS_FILE
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def audit_file(self) -> Path:
+        return self.path / AUDIT_FILE
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def train_log_file(self) -> Path:
+        return self.path / TRAIN_LOG_FILE
+
+    @property
+    def confusion_png(self) -> Path:
+        return self.path / CONFUSION_PNG
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / CHECKPOINT_DIR
+
+    def labels(self) -> list[str]:
+        try:
+            labels = json.loads(self.labels_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RunDirError(f"{self.path}: not a run directory (no {LABELS_FILE})") from None
+        except json.JSONDecodeError as exc:
+            raise RunDirError(f"{self.labels_file}: invalid JSON ({exc.msg})") from None
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or len(labels) < 2:
+            raise RunDirError(f"{self.labels_file}: expected a JSON list of at least two label names")
+        return labels
+
+
+def open_run_dir(path: Path | str) -> RunDir:
+    """Open a finished run directory for reading, checking that the model is there."""
+    run = RunDir(Path(path))
+    if not run.path.is_dir():
+        raise RunDirError(f"{run.path}: run directory not found")
+    if not (run.model_dir / "config.json").is_file():
+        raise RunDirError(f"{run.path}: no trained model in {MODEL_DIR}/ (was training finished?)")
+    run.labels()
+    return run

@@ -1,0 +1,86 @@
+"""Resume checkpoints as plain files: safetensors for tensors, JSON for everything else.
+
+A checkpoint holds what a run needs to continue exactly where it stopped: weights, optimizer
+moments, the torch RNG state (for dropout) and the loop position. It is written to a fresh folder
+and swapped in, so a SIGKILL during the write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from tuneforge.errors import RunDirError
+from tuneforge.files import atomic_replace_dir
+
+WEIGHTS = "model.safetensors"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+STATE = "state.json"
+
+
+def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, param_state in state_dict["state"].items():
+        for key, value in param_state.items():
+            name = f"{index}.{key}"
+            if isinstance(value, torch.Tensor):
+                tensors[name] = value.detach().contiguous()
+            else:
+                scalars[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    groups = meta["param_groups"]
+    for group in groups:
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loop_state: dict[str, Any]
+) -> None:
+    def write(staging: Path) -> None:
+        save_model(model, str(staging / WEIGHTS))
+        tensors, meta = _split_optimizer_state(optimizer.state_dict())
+        tensors["__rng_torch__"] = torch.get_rng_state()
+        save_file(tensors, str(staging / OPTIMIZER_TENSORS))
+        state = {"loop": loop_state, "optimizer": meta}
+        (staging / STATE).write_text(json.dumps(state), encoding="utf-8")
+
+    atomic_replace_dir(folder, write)
+
+
+def has_checkpoint(folder: Path) -> bool:
+    for candidate in (folder, folder.with_name(folder.name + ".old")):
+        if (candidate / STATE).is_file():
+            return True
+    return False
+
+
+def load_checkpoint(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG in place; return the saved loop state."""
+    if not (folder / STATE).is_file():
+        # A crash between the two renames of atomic_replace_dir leaves the last good copy at .old.
+        folder = folder.with_name(folder.name + ".old")
+    if not (folder / STATE).is_file():
+        raise RunDirError(f"{folder.parent}: no checkpoint to resume from")
+    state = json.loads((folder / STATE).read_text(encoding="utf-8"))
+    missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=True)
+    tensors = load_file(str(folder / OPTIMIZER_TENSORS))
+    rng = tensors.pop("__rng_torch__")
+    optimizer.load_state_dict(_join_optimizer_state(tensors, state["optimizer"]))
+    torch.set_rng_state(rng)
+    return state["loop"]

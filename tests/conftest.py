@@ -1,0 +1,82 @@
+"""Shared fixtures: a tiny randomly initialised BERT and small invented datasets."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = {
+    "happy": ["great", "lovely", "superb", "fantastic", "pleasant", "delightful"],
+    "sad": ["awful", "terrible", "boring", "dreadful", "poor", "horrible"],
+    "meh": ["okay", "average", "fine", "plain", "ordinary", "decent"],
+}
+FILLER = ["the", "film", "was", "really", "quite", "and", "a", "story", "plot", "acting", "very", "so"]
+
+
+def make_rows(n: int, seed: int, labels: tuple[str, ...] = ("happy", "sad", "meh")) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = labels[i % len(labels)]
+        words = rng.sample(FILLER, rng.randint(2, 8)) + [rng.choice(WORDS[label]) for _ in range(rng.randint(1, 2))]
+        rng.shuffle(words)
+        rows.append((" ".join(words) + f" {i}", label))
+    return rows
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]], header: tuple[str, str] = ("text", "label")) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide BERT with a WordPiece vocabulary covering the invented data."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    words = sorted({w for ws in WORDS.values() for w in ws} | set(FILLER))
+    vocab = specials + chars + ["##" + c for c in chars] + words
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+    tokenizer.save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def tiny_data(tmp_path: Path) -> dict[str, Path]:
+    return {
+        "train": write_csv(tmp_path / "train.csv", make_rows(150, seed=1)),
+        "test": write_csv(tmp_path / "test.csv", make_rows(30, seed=2)),
+    }
+
+
+def tiny_config(model_dir: Path, data: dict[str, Path], out: Path, **train: object) -> dict:
+    """A raw config dict for a fast run on the tiny model."""
+    return {
+        "model": {"name": str(model_dir), "max_length": 32},
+        "data": {"train": str(data["train"]), "test": str(data.get("test")) if data.get("test") else None,
+                 "validation_size": 0.2},  # fmt: skip
+        "train": {"epochs": 3, "batch_size": 16, "learning_rate": 5e-3, "head_learning_rate": 5e-3,
+                  "threads": 1, "checkpoint_every_steps": 4, **train},  # fmt: skip
+        "output": {"dir": str(out)},
+    }

@@ -1,0 +1,129 @@
+"""End-to-end training on a tiny random BERT: the run directory contract, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+from tests.conftest import tiny_config
+from tuneforge.config import validate_config
+from tuneforge.train.loop import KILL_AT_STEP_ENV, auto_epochs, train
+
+
+def test_train_writes_a_complete_run_directory(tiny_model_dir: Path, tiny_data: dict, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = train(validate_config(tiny_config(tiny_model_dir, tiny_data, out, epochs=8)), show_progress=False)
+
+    for name in ("labels.json", "config.yaml", "audit.json", "metrics.json", "train_log.jsonl", "confusion_matrix.png"):
+        assert (out / name).is_file(), name
+    assert not (out / "checkpoints").exists(), "checkpoints are removed after a finished run"
+    assert (out / "model" / "model.safetensors").is_file()
+    assert not list((out / "model").glob("*.bin"))
+
+    labels = json.loads((out / "labels.json").read_text())
+    assert labels == ["happy", "meh", "sad"]
+    model = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    assert model.config.id2label == {0: "happy", 1: "meh", 2: "sad"}
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == result.metrics
+    # The invented data is separable by keyword; a working loop beats chance (33%) clearly.
+    assert metrics["test"]["accuracy"] > 60.0
+    assert metrics["validation"]["n"] == 30 and metrics["test"]["n"] == 30
+    assert set(metrics["test"]["per_class"]) == set(labels)
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["epochs"] == 8
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    evaluations = [r for r in log if "eval" in r]
+    assert [r["step"] for r in evaluations] == [8 * (i + 1) for i in range(len(evaluations))]
+
+
+def test_auto_epochs_scales_with_dataset_size() -> None:
+    assert auto_epochs(10_000, None, 100_000, 20) == 10
+    assert auto_epochs(67_349, None, 100_000, 20) == 2
+    assert auto_epochs(300, None, 100_000, 20) == 20
+    assert auto_epochs(300, 4, 100_000, 20) == 4
+
+
+def test_early_stopping_stops_and_keeps_the_best(tiny_model_dir: Path, tiny_data: dict, tmp_path: Path) -> None:
+    # A learning rate of ~0 cannot improve after the first evaluation, so patience 1 stops at the second.
+    raw = tiny_config(tiny_model_dir, tiny_data, tmp_path / "run", epochs=6, learning_rate=1e-9,
+                      head_learning_rate=1e-9, early_stopping_patience=1, eval_every_steps=2)  # fmt: skip
+    result = train(validate_config(raw), show_progress=False)
+    info = result.metrics["train"]
+    assert info["stopped_early"] is True
+    assert info["steps"] == 4 and info["best_step"] == 2
+
+
+def _run_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tuneforge", *args], capture_output=True, text=True, env={**os.environ, **(env or {})},
+        timeout=300,
+    )  # fmt: skip
+
+
+def test_resume_after_sigkill_ends_like_an_uninterrupted_run(
+    tiny_model_dir: Path, tiny_data: dict, tmp_path: Path
+) -> None:
+    # 120 training rows, batch 16: 8 steps per epoch; checkpoint every 4; the kill lands mid-epoch 2.
+    configs = {}
+    for name in ("straight", "killed"):
+        raw = tiny_config(tiny_model_dir, tiny_data, tmp_path / name)
+        raw["model"]["hidden_dropout"] = 0.2  # dropout makes the RNG state matter
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump(raw))
+
+    straight = _run_cli(["train", str(configs["straight"]), "--no-progress"])
+    assert straight.returncode == 0, straight.stderr
+
+    killed = _run_cli(["train", str(configs["killed"]), "--no-progress"], env={KILL_AT_STEP_ENV: "11"})
+    assert killed.returncode == -signal.SIGKILL
+    assert (tmp_path / "killed" / "checkpoints" / "last" / "state.json").is_file()
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+    state = json.loads((tmp_path / "killed" / "checkpoints" / "last" / "state.json").read_text())
+    assert state["loop"]["step"] == 8 and state["loop"]["epoch"] == 1  # last checkpoint before the kill
+
+    resumed = _run_cli(["train", str(configs["killed"]), "--resume", "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+
+    a = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    for split in ("validation", "test"):
+        assert a[split] == b[split]
+    assert a["train"]["steps"] == b["train"]["steps"] == 24
+    wa = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    wb = load_file(tmp_path / "killed" / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    log_steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
+    assert log_steps == sorted(log_steps), "log lines after the checkpoint are not duplicated"
+
+
+def test_resume_refuses_a_changed_config(tiny_model_dir: Path, tiny_data: dict, tmp_path: Path) -> None:
+    raw = tiny_config(tiny_model_dir, tiny_data, tmp_path / "run")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert _run_cli(["train", str(path), "--no-progress"], env={KILL_AT_STEP_ENV: "5"}).returncode == -signal.SIGKILL
+    changed = _run_cli(["train", str(path), "--resume", "--no-progress", "--set", "train.learning_rate=0.1"])
+    assert changed.returncode == 2
+    assert "train.learning_rate: differs from the interrupted run" in changed.stderr
+    assert "Traceback" not in changed.stderr
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+def test_gradient_accumulation_counts_optimizer_steps(
+    tiny_model_dir: Path, tiny_data: dict, tmp_path: Path, accum: int
+) -> None:
+    raw = tiny_config(tiny_model_dir, tiny_data, tmp_path / "run", epochs=1, grad_accum_steps=accum)
+    result = train(validate_config(raw), show_progress=False)
+    assert result.metrics["train"]["steps"] == -(-8 // accum)  # 8 batches per epoch
