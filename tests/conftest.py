@@ -54,9 +54,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
     tokenizer.save_pretrained(folder)
     config = BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
-    )  # fmt: skip
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     BertModel(config).save_pretrained(folder)
     return folder
@@ -74,9 +78,19 @@ def tiny_config(model_dir: Path, data: dict[str, Path], out: Path, **train: obje
     """A raw config dict for a fast run on the tiny model."""
     return {
         "model": {"name": str(model_dir), "max_length": 32},
-        "data": {"train": str(data["train"]), "test": str(data.get("test")) if data.get("test") else None,
-                 "validation_size": 0.2},  # fmt: skip
-        "train": {"epochs": 3, "batch_size": 16, "learning_rate": 5e-3, "head_learning_rate": 5e-3,
-                  "threads": 1, "checkpoint_every_steps": 4, **train},  # fmt: skip
+        "data": {
+            "train": str(data["train"]),
+            "test": str(data.get("test")) if data.get("test") else None,
+            "validation_size": 0.2,
+        },
+        "train": {
+            "epochs": 3,
+            "batch_size": 16,
+            "learning_rate": 5e-3,
+            "head_learning_rate": 5e-3,
+            "threads": 1,
+            "checkpoint_every_steps": 4,
+            **train,
+        },
         "output": {"dir": str(out)},
     }

@@ -96,7 +96,9 @@ def test_max_length_above_the_model_limit(capsys, tiny_model_dir, tmp_path, earl
 
 def test_existing_run_directory_needs_overwrite(capsys, tiny_model_dir, tmp_path, earlier_run) -> None:
     good = write_csv(tmp_path / "train.csv", make_rows(30, seed=8))
-    message = _train_expecting_error(capsys, _bad_train_config(tiny_model_dir, good, earlier_run), tmp_path, earlier_run)
+    message = _train_expecting_error(
+        capsys, _bad_train_config(tiny_model_dir, good, earlier_run), tmp_path, earlier_run
+    )
     assert str(earlier_run) in message and "--overwrite" in message
 
 
@@ -110,7 +112,7 @@ def test_unknown_config_key_names_the_key(capsys, tiny_model_dir, tmp_path, earl
 
 def test_unknown_label_in_evaluation_data(capsys, tmp_path, earlier_run) -> None:
     before = _fingerprint(earlier_run)
-    rows = make_rows(6, seed=10) + [("the plot was fine", "angry")]
+    rows = [*make_rows(6, seed=10), ("the plot was fine", "angry")]
     bad = write_csv(tmp_path / "eval.csv", rows)
     capsys.readouterr()
     assert main(["evaluate", str(earlier_run), "--data", str(bad)]) == EXIT_BAD_INPUT

@@ -33,9 +33,7 @@ class WordTokenizer:
 
 
 def make(texts: list[str], labels: list[str], source: str = "mem.csv") -> LabelledTexts:
-    return LabelledTexts(
-        texts=list(texts), labels=list(labels), rows=list(range(1, len(texts) + 1)), source=source
-    )
+    return LabelledTexts(texts=list(texts), labels=list(labels), rows=list(range(1, len(texts) + 1)), source=source)
 
 
 def imbalanced(n_a: int = 80, n_b: int = 20) -> LabelledTexts:

@@ -18,9 +18,7 @@ def seeded(seed: int) -> torch.Generator:
 
 
 def padded_tokens(batches: list[list[int]], lengths: list[int]) -> int:
-    return sum(
-        len(batch) * max(lengths[i] for i in batch) - sum(lengths[i] for i in batch) for batch in batches
-    )
+    return sum(len(batch) * max(lengths[i] for i in batch) - sum(lengths[i] for i in batch) for batch in batches)
 
 
 def skewed_lengths(n: int = 2000) -> list[int]:
@@ -85,9 +83,7 @@ class TruncatingTokenizer:
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(
-        self, texts: list[str], *, truncation: bool, max_length: int, **kwargs: Any
-    ) -> dict[str, Any]:
+    def __call__(self, texts: list[str], *, truncation: bool, max_length: int, **kwargs: Any) -> dict[str, Any]:
         self.calls += 1
         ids = [[1, *(len(word) for word in text.split()), 2] for text in texts]
         return {"input_ids": [[*seq[: max_length - 1], 2] if len(seq) > max_length else seq for seq in ids]}

@@ -96,9 +96,7 @@ def test_missing_column_lists_columns(tmp_path: Path) -> None:
     path = write_bytes(tmp_path / "reviews.csv", b"text,sentiment\nnice,pos\n")
     with pytest.raises(DataError) as info:
         read_labelled_file(path)
-    assert str(info.value) == (
-        f"{path}: missing column 'label' (columns: text, sentiment); set data.label_column"
-    )
+    assert str(info.value) == (f"{path}: missing column 'label' (columns: text, sentiment); set data.label_column")
 
 
 def test_labels_optional_for_prediction(tmp_path: Path) -> None:

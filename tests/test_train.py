@@ -56,8 +56,16 @@ def test_auto_epochs_scales_with_dataset_size() -> None:
 
 def test_early_stopping_stops_and_keeps_the_best(tiny_model_dir: Path, tiny_data: dict, tmp_path: Path) -> None:
     # A learning rate of ~0 cannot improve after the first evaluation, so patience 1 stops at the second.
-    raw = tiny_config(tiny_model_dir, tiny_data, tmp_path / "run", epochs=6, learning_rate=1e-9,
-                      head_learning_rate=1e-9, early_stopping_patience=1, eval_every_steps=2)  # fmt: skip
+    raw = tiny_config(
+        tiny_model_dir,
+        tiny_data,
+        tmp_path / "run",
+        epochs=6,
+        learning_rate=1e-9,
+        head_learning_rate=1e-9,
+        early_stopping_patience=1,
+        eval_every_steps=2,
+    )
     result = train(validate_config(raw), show_progress=False)
     info = result.metrics["train"]
     assert info["stopped_early"] is True
@@ -66,9 +74,12 @@ def test_early_stopping_stops_and_keeps_the_best(tiny_model_dir: Path, tiny_data
 
 def _run_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "tuneforge", *args], capture_output=True, text=True, env={**os.environ, **(env or {})},
+        [sys.executable, "-m", "tuneforge", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
         timeout=300,
-    )  # fmt: skip
+    )
 
 
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(

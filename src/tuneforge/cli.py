@@ -33,8 +33,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune a model from a YAML config")
     p.add_argument("config", type=Path)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.epochs=3 (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=3 (repeatable)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -140,7 +146,7 @@ def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
     console.print("\n[bold]predictions on new messages[/bold]")
     for text, prediction in zip(DEMO_EXAMPLES, predictor.predict(DEMO_EXAMPLES), strict=True):
         console.print(f"  {prediction.label:<15} {prediction.probability:5.2f}  {text}")
-    console.print(f"\ntry: tuneforge predict {result.run_dir} \"my package never arrived\"")
+    console.print(f'\ntry: tuneforge predict {result.run_dir} "my package never arrived"')
     return 0
 
 

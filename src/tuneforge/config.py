@@ -25,9 +25,7 @@ class ModelConfig(_Section):
         description="Registry name (minilm-l6), a local Hugging Face folder, or a hub id (online only).",
     )
     max_length: int = Field(128, ge=8, description="Tokens per text; longer texts are truncated.")
-    trust_pickle: bool = Field(
-        False, description="Allow loading pickled .bin/.pt weights. Only for files you trust."
-    )
+    trust_pickle: bool = Field(False, description="Allow loading pickled .bin/.pt weights. Only for files you trust.")
     hidden_dropout: float | None = Field(None, ge=0.0, lt=1.0, description="None keeps the model's.")
     attention_dropout: float | None = Field(None, ge=0.0, lt=1.0, description="None keeps the model's.")
     classifier_dropout: float | None = Field(None, ge=0.0, lt=1.0)
@@ -43,9 +41,7 @@ class DataConfig(_Section):
     encoding: str = Field("utf-8", description="Text encoding of CSV/TSV/JSONL files, e.g. latin-1.")
     lowercase: bool = False
     validation_size: float = Field(0.1, gt=0.0, lt=0.5, description="Used when no validation file.")
-    max_train_rows: int | None = Field(
-        None, ge=2, description="Seeded stratified subsample of the training set."
-    )
+    max_train_rows: int | None = Field(None, ge=2, description="Seeded stratified subsample of the training set.")
     drop_conflicts: bool = Field(False, description="Drop texts that carry more than one label.")
     drop_leaked: bool = Field(
         False, description="Drop train rows whose normalised text also occurs in validation/test."
@@ -80,7 +76,7 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.01, ge=0.0)
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     early_stopping_patience: int | None = Field(
         3, ge=1, description="Evaluations without improvement before stopping; None disables."

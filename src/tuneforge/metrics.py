@@ -14,9 +14,7 @@ from tuneforge.files import atomic_write_with
 def classification_metrics(y_true: list[int], y_pred: list[int], labels: list[str]) -> dict[str, Any]:
     """Accuracy and macro-F1 in percent, per-class precision/recall/F1, and the confusion matrix."""
     indices = list(range(len(labels)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=indices, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=indices, zero_division=0)
     return {
         "accuracy": round(100.0 * accuracy_score(y_true, y_pred), 3),
         "macro_f1": round(100.0 * f1_score(y_true, y_pred, labels=indices, average="macro", zero_division=0), 3),

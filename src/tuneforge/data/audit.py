@@ -94,9 +94,7 @@ def audit_splits(
     """Audit each split and, when a ``train`` split is given, leakage and unseen labels against it."""
     report: dict[str, Any] = {
         "splits": {
-            name: _split_report(data, tokenizer, max_length)
-            for name, data in splits.items()
-            if data is not None
+            name: _split_report(data, tokenizer, max_length) for name, data in splits.items() if data is not None
         },
         "leakage": {},
         "labels_not_in_train": {},
@@ -141,17 +139,13 @@ def _split_line(name: str, split: dict[str, Any]) -> str:
     if split.get("imbalance_ratio") is not None and split["classes"] > 1:
         parts[-1] += f" (max/min {split['imbalance_ratio']:g})"
     conflicts = split["conflicting_labels"]["count"]
-    parts.append(
-        f"duplicates {split['exact_duplicates']:,} exact / {split['normalised_duplicates']:,} normalised"
-    )
+    parts.append(f"duplicates {split['exact_duplicates']:,} exact / {split['normalised_duplicates']:,} normalised")
     parts.append(f"{conflicts:,} texts with conflicting labels")
     lengths = split.get("token_lengths")
     if lengths:
         text = f"tokens p50 {lengths['p50']} p95 {lengths['p95']} max {lengths['max']}"
         if "truncated" in lengths:
-            text += (
-                f", {lengths['truncated']:,} ({lengths['truncated_share']:.1%}) over {lengths['max_length']}"
-            )
+            text += f", {lengths['truncated']:,} ({lengths['truncated_share']:.1%}) over {lengths['max_length']}"
         parts.append(text)
     return f"{name}: " + ", ".join(parts)
 
@@ -162,8 +156,7 @@ def format_audit(report: dict[str, Any]) -> str:
     leakage = report.get("leakage", {})
     if leakage:
         lines.append(
-            "overlap with train: "
-            + ", ".join(f"{name} {info['count']:,} rows" for name, info in leakage.items())
+            "overlap with train: " + ", ".join(f"{name} {info['count']:,} rows" for name, info in leakage.items())
         )
     for name, labels in report.get("labels_not_in_train", {}).items():
         shown = ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else "")

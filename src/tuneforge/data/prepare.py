@@ -83,9 +83,7 @@ def _read_clean(path: Path, cfg: DataConfig, dropped: dict[str, int], name: str)
     return cleaned
 
 
-def _move_unseen_to_train(
-    train: LabelledTexts, validation: LabelledTexts
-) -> tuple[LabelledTexts, LabelledTexts]:
+def _move_unseen_to_train(train: LabelledTexts, validation: LabelledTexts) -> tuple[LabelledTexts, LabelledTexts]:
     # Only the unstratified fallback can put every example of a class into the split-off validation
     # part; moving those rows back is better than failing on labels the user never got wrong.
     known = set(train.labels)
@@ -104,9 +102,7 @@ def _move_unseen_to_train(
     return merged, stay
 
 
-def prepare_data(
-    cfg: DataConfig, *, seed: int, tokenizer: Any = None, max_length: int | None = None
-) -> PreparedData:
+def prepare_data(cfg: DataConfig, *, seed: int, tokenizer: Any = None, max_length: int | None = None) -> PreparedData:
     """Read, clean, subsample, split, fix and audit the data a run trains on.
 
     ``dropped`` counts rows removed at each step (``train_empty``, ``train_subsampled``,
@@ -138,9 +134,7 @@ def prepare_data(
     # Check before the audit: tokenising everything only to fail afterwards would waste minutes.
     labels = sort_labels(train.labels)
     if len(labels) < 2:
-        raise DataError(
-            f"{train.source}: only one class ('{labels[0]}') found; a classifier needs at least two"
-        )
+        raise DataError(f"{train.source}: only one class ('{labels[0]}') found; a classifier needs at least two")
     check_known_labels(validation, labels)
     if test is not None:
         check_known_labels(test, labels)
@@ -153,9 +147,7 @@ def prepare_data(
     audit["validation_from_train"] = validation_from_train
     if validation_from_train:
         audit["validation_size"] = cfg.validation_size
-    return PreparedData(
-        train=train, validation=validation, test=test, labels=labels, audit=audit, dropped=dropped
-    )
+    return PreparedData(train=train, validation=validation, test=test, labels=labels, audit=audit, dropped=dropped)
 
 
 def read_eval_file(path: str | Path, cfg: DataConfig, labels: list[str]) -> LabelledTexts:

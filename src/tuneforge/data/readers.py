@@ -76,9 +76,7 @@ def read_labelled_file(
         if fmt == "jsonl":
             texts, labels, rows = _read_jsonl(content, source, text_column, label_column, require_labels)
         else:
-            texts, labels, rows = _read_delimited(
-                content, source, fmt, text_column, label_column, require_labels
-            )
+            texts, labels, rows = _read_delimited(content, source, fmt, text_column, label_column, require_labels)
     if not texts:
         raise DataError(f"{source}: has no data rows")
     return LabelledTexts(texts=texts, labels=labels, rows=rows, source=source)
@@ -93,8 +91,7 @@ def _resolve_format(path: Path, format: str) -> str:
     if fmt is None:
         suffix = path.suffix or "(none)"
         raise DataError(
-            f"{path}: unsupported file type {suffix}; use .csv, .tsv, .jsonl, .json or .parquet, "
-            "or set data.format"
+            f"{path}: unsupported file type {suffix}; use .csv, .tsv, .jsonl, .json or .parquet, or set data.format"
         )
     return fmt
 

@@ -37,9 +37,7 @@ def _split_indices(labels: list[str], n_held: int, seed: int) -> tuple[list[int]
     return sorted(kept), sorted(held)
 
 
-def stratified_split(
-    data: LabelledTexts, *, fraction: float, seed: int
-) -> tuple[LabelledTexts, LabelledTexts]:
+def stratified_split(data: LabelledTexts, *, fraction: float, seed: int) -> tuple[LabelledTexts, LabelledTexts]:
     """Split off ``fraction`` of the rows (at least one) as a held-out part: returns (rest, held_out).
 
     Both parts keep the source order of rows. Classes with a single example stay in ``rest``.

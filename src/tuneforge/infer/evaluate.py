@@ -42,5 +42,7 @@ def evaluate_file(
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = Path(data_path).stem
     atomic_write_json(out_dir / f"{stem}.json", metrics)
-    plot_confusion_matrix(metrics["confusion_matrix"], predictor.labels, out_dir / f"{stem}.png", f"{stem} confusion matrix")
+    plot_confusion_matrix(
+        metrics["confusion_matrix"], predictor.labels, out_dir / f"{stem}.png", f"{stem} confusion matrix"
+    )
     return metrics, out_dir / f"{stem}.json"

@@ -40,14 +40,16 @@ class Predictor:
             torch.set_num_threads(os.cpu_count() or 1)
         self.labels = self.run.labels()
         self.model, self.tokenizer = load_classifier(self.run.model_dir)
-        saved = yaml.safe_load(self.run.config_file.read_text(encoding="utf-8")) if self.run.config_file.exists() else {}
+        saved = (
+            yaml.safe_load(self.run.config_file.read_text(encoding="utf-8")) if self.run.config_file.exists() else {}
+        )
         saved = saved or {}
         self.max_length: int = int(saved.get("model", {}).get("max_length", 128))
         self.lowercase: bool = bool(saved.get("data", {}).get("lowercase", False))
         self.batch_size = batch_size
         self.pad_id = self.tokenizer.pad_token_id or 0
 
-    def predict_proba(self, texts: list[str]) -> "list[list[float]]":
+    def predict_proba(self, texts: list[str]) -> list[list[float]]:
         cleaned = [clean_text(t, lowercase=self.lowercase) for t in texts]
         ids = encode_texts(self.tokenizer, cleaned, self.max_length)
         logits = predict_logits(self.model, ids, pad_id=self.pad_id, batch_size=self.batch_size)

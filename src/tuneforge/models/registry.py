@@ -53,9 +53,10 @@ def _registry_path(name: str) -> Path:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get(
-        "TRANSFORMERS_OFFLINE", "0"
-    ) not in ("", "0"):
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "0") not in (
+        "",
+        "0",
+    ):
         return False
     try:
         with socket.create_connection(("huggingface.co", 443), timeout=timeout):

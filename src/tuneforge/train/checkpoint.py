@@ -68,9 +68,7 @@ def has_checkpoint(folder: Path) -> bool:
     return False
 
 
-def load_checkpoint(
-    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
+def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore weights, optimizer and RNG in place; return the saved loop state."""
     if not (folder / STATE).is_file():
         # A crash between the two renames of atomic_replace_dir leaves the last good copy at .old.
@@ -78,7 +76,7 @@ def load_checkpoint(
     if not (folder / STATE).is_file():
         raise RunDirError(f"{folder.parent}: no checkpoint to resume from")
     state = json.loads((folder / STATE).read_text(encoding="utf-8"))
-    missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=True)
+    load_model(model, str(folder / WEIGHTS), strict=True)
     tensors = load_file(str(folder / OPTIMIZER_TENSORS))
     rng = tensors.pop("__rng_torch__")
     optimizer.load_state_dict(_join_optimizer_state(tensors, state["optimizer"]))

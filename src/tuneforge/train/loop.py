@@ -175,9 +175,17 @@ def train(
     warmup_steps = round(tcfg.warmup_ratio * total_steps)
 
     state: dict[str, Any] = {
-        "epoch": 0, "batch": 0, "step": 0, "samples": 0, "train_seconds": 0.0,
-        "best": None, "best_step": None, "bad_evals": 0, "done": False, "history": [],
-    }  # fmt: skip
+        "epoch": 0,
+        "batch": 0,
+        "step": 0,
+        "samples": 0,
+        "train_seconds": 0.0,
+        "best": None,
+        "best_step": None,
+        "bad_evals": 0,
+        "done": False,
+        "history": [],
+    }
     if resume:
         state = load_checkpoint(run.checkpoint_dir, model, optimizer)
         _truncate_log(run, state["step"])
@@ -196,8 +204,15 @@ def train(
             _save_model(run, model, tokenizer)
         else:
             state["bad_evals"] += 1
-        record = {"step": state["step"], "epoch": state["epoch"], "eval": tcfg.metric, "value": score,
-                  "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "improved": improved}  # fmt: skip
+        record = {
+            "step": state["step"],
+            "epoch": state["epoch"],
+            "eval": tcfg.metric,
+            "value": score,
+            "accuracy": metrics["accuracy"],
+            "macro_f1": metrics["macro_f1"],
+            "improved": improved,
+        }
         state["history"].append(record)
         _append_log(run, record)
         progress.console.print(
@@ -222,8 +237,12 @@ def train(
                 started = time.perf_counter()
                 group = batches[state["batch"] : state["batch"] + tcfg.grad_accum_steps]
                 n_samples = sum(len(b) for b in group)
-                set_learning_rate(optimizer, lr_factor(state["step"], total_steps=total_steps,
-                                                       warmup_steps=warmup_steps, schedule=tcfg.schedule))  # fmt: skip
+                set_learning_rate(
+                    optimizer,
+                    lr_factor(
+                        state["step"], total_steps=total_steps, warmup_steps=warmup_steps, schedule=tcfg.schedule
+                    ),
+                )
                 loss_sum = 0.0
                 for indices in group:
                     logits = model(**collate([train_ids[i] for i in indices], pad_id)).logits
@@ -242,11 +261,22 @@ def train(
                 state["train_seconds"] += time.perf_counter() - started
                 speed = state["samples"] / max(state["train_seconds"], 1e-9)
                 lr = optimizer.param_groups[0]["lr"]
-                progress.update(task, completed=state["step"],
-                                info=f"loss {loss_sum / n_samples:.4f}  lr {lr:.2e}  {speed:.1f} samples/s")  # fmt: skip
+                progress.update(
+                    task,
+                    completed=state["step"],
+                    info=f"loss {loss_sum / n_samples:.4f}  lr {lr:.2e}  {speed:.1f} samples/s",
+                )
                 if state["step"] % LOG_EVERY_STEPS == 0:
-                    _append_log(run, {"step": state["step"], "epoch": state["epoch"], "loss": loss_sum / n_samples,
-                                      "lr": lr, "samples_per_s": speed})  # fmt: skip
+                    _append_log(
+                        run,
+                        {
+                            "step": state["step"],
+                            "epoch": state["epoch"],
+                            "loss": loss_sum / n_samples,
+                            "lr": lr,
+                            "samples_per_s": speed,
+                        },
+                    )
                 evaluated = bool(tcfg.eval_every_steps) and state["step"] % tcfg.eval_every_steps == 0
                 if evaluated:
                     evaluate_and_track()
@@ -291,7 +321,9 @@ def _finish(
     }
     atomic_write_json(run.metrics_file, metrics)
     shown = "test" if "test" in metrics else "validation"
-    plot_confusion_matrix(metrics[shown]["confusion_matrix"], label_names, run.confusion_png, f"{shown} confusion matrix")
+    plot_confusion_matrix(
+        metrics[shown]["confusion_matrix"], label_names, run.confusion_png, f"{shown} confusion matrix"
+    )
     shutil.rmtree(run.path / "checkpoints", ignore_errors=True)
     for split in ("validation", "test"):
         if split in metrics:

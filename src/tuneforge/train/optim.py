@@ -9,9 +9,7 @@ import torch
 from tuneforge.config import TrainConfig
 
 
-def parameter_groups(
-    model: torch.nn.Module, cfg: TrainConfig, head_parameters: set[str]
-) -> list[dict[str, object]]:
+def parameter_groups(model: torch.nn.Module, cfg: TrainConfig, head_parameters: set[str]) -> list[dict[str, object]]:
     """AdamW groups: no weight decay on biases and LayerNorm (1-D tensors); the fresh head may use its own lr.
 
     Decaying LayerNorm gains towards zero or biases towards the origin only hurts; the usual BERT recipe

@@ -1,0 +1,142 @@
+"""Config validation, overrides, model resolution and weight-safety rules, optimizer groups, schedules."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tuneforge.config import TrainConfig, load_config, validate_config
+from tuneforge.errors import ConfigError, ModelError
+from tuneforge.files import atomic_write_text
+from tuneforge.models.registry import REGISTRY, resolve_model
+from tuneforge.train.optim import lr_factor, parameter_groups
+
+
+def _write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_defaults_and_overrides(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"data": {"train": "train.csv"}})
+    config = load_config(path, ["train.epochs=3", "train.learning_rate=2e-4", "model.hidden_dropout=0.2"])
+    assert config.model.name == "minilm-l6"
+    assert config.train.epochs == 3 and config.train.learning_rate == 2e-4
+    assert config.model.hidden_dropout == 0.2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["train.optimiser=adamw"], "train.optimiser: unknown key (allowed: epochs,"),
+        (["train.schedule=wavy"], "train.schedule: Input should be 'linear', 'cosine' or 'constant'"),
+        (["train.batch_size=0"], "train.batch_size: Input should be greater than or equal to 1"),
+        (["model.hidden_dropout=1.5"], "model.hidden_dropout: Input should be less than 1"),
+        (["data.encoding=klingon"], "data: unknown encoding 'klingon'"),
+        (["banana.split=1"], "banana: unknown key (allowed: model, data, train, output)"),
+        (["train.epochs"], "expected key=value"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, overrides: list[str], expected: str) -> None:
+    path = _write(tmp_path, {"data": {"train": "train.csv"}})
+    with pytest.raises(ConfigError) as error:
+        load_config(path, overrides)
+    assert expected in str(error.value)
+
+
+def test_missing_required_key_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"data: required key is missing"):
+        validate_config({})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_relative_data_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "train.csv").write_text("text,label\n")
+    config = load_config(_write(tmp_path / "sub", {"data": {"train": "train.csv"}}))
+    assert config.data.train == tmp_path / "sub" / "train.csv"
+
+
+def test_registry_name_resolves_to_the_packaged_model() -> None:
+    folder = Path(resolve_model("minilm-l6"))
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    assert "minilm-l6" in REGISTRY
+
+
+def test_pickled_weights_are_refused_without_the_trust_flag(tiny_model_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    torch.save({"x": torch.zeros(1)}, folder / "pytorch_model.bin")
+    with pytest.raises(ModelError, match=r"only pickled weights \(pytorch_model.bin\).*trust_pickle"):
+        resolve_model(str(folder))
+    assert resolve_model(str(folder), trust_pickle=True) == str(folder)
+
+
+def test_hub_id_fails_fast_offline_with_a_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="hub is unreachable.*local folder"):
+        resolve_model("someone/some-model")
+    with pytest.raises(ModelError, match="not a registry name and the folder does not exist"):
+        resolve_model("./no/such/folder")
+
+
+def test_weight_decay_skips_biases_and_layernorm_and_head_gets_its_lr(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+    cfg = TrainConfig(learning_rate=1e-4, head_learning_rate=1e-3, weight_decay=0.05)
+    groups = parameter_groups(model, cfg, {"classifier.weight", "classifier.bias"})
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in groups:
+        group_names = [names[id(p)] for p in group["params"]]
+        for name in group_names:
+            no_decay = name.endswith("bias") or "LayerNorm" in name
+            assert (group["weight_decay"] == 0.0) == no_decay, name
+            assert group["lr"] == (1e-3 if name.startswith("classifier") else 1e-4), name
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_schedules_have_the_documented_shape() -> None:
+    total, warmup = 100, 10
+    for schedule in ("linear", "cosine", "constant"):
+        curve = [lr_factor(s, total_steps=total, warmup_steps=warmup, schedule=schedule) for s in range(total)]
+        assert curve[0] == pytest.approx(0.1) and curve[9] == pytest.approx(1.0)
+        assert all(a < b for a, b in zip(curve[:9], curve[1:10], strict=True)), "warm-up rises"
+        if schedule == "constant":
+            assert set(curve[10:]) == {1.0}
+        else:
+            assert all(a >= b for a, b in zip(curve[10:], curve[11:], strict=False)), "then decays"
+    assert lr_factor(55, total_steps=100, warmup_steps=10, schedule="linear") == pytest.approx(0.5)
+    assert lr_factor(55, total_steps=100, warmup_steps=10, schedule="cosine") == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 0.5))
+    )
+
+
+def test_atomic_write_leaves_the_old_file_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "metrics.json"
+    atomic_write_text(target, "old")
+
+    class Boom(Exception):
+        pass
+
+    from tuneforge.files import atomic_write_with
+
+    def failing_writer(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise Boom
+
+    with pytest.raises(Boom):
+        atomic_write_with(target, failing_writer)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"], "no temporary files left behind"
