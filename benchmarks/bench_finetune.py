@@ -170,12 +170,12 @@ def _score(model: torch.nn.Module, tokenizer_source: str, data: LabelledTexts, l
     return classification_metrics([index[y] for y in data.labels], predictions, labels)["accuracy"]
 
 
-def run_speed(name: str) -> None:
+def run_speed(name: str, n_subsample: int = SPEED_SUBSAMPLE) -> None:
     """Equal settings, one epoch on a fixed subsample: tuneforge vs the HF Trainer, in this process."""
     train_path, eval_path, text_col, label_col, split = _files(name)
     read = {"text_column": text_col, "label_column": label_col}
     full, _ = clean_texts(read_labelled_file(train_path, **read))
-    subsample = stratified_subsample(full, n=min(SPEED_SUBSAMPLE, len(full)), seed=SPEED_SETTINGS["seed"])
+    subsample = stratified_subsample(full, n=min(n_subsample, len(full)), seed=SPEED_SETTINGS["seed"])
     evaluation, _ = clean_texts(read_labelled_file(eval_path, **read))
     labels = sorted(set(subsample.labels))
     with tempfile.TemporaryDirectory() as tmp:
@@ -251,6 +251,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=[*DATASETS, "all"], default="all")
     parser.add_argument("--part", choices=["accuracy", "speed", "all"], default="all")
+    parser.add_argument("--subsample", type=int, default=SPEED_SUBSAMPLE, help="training examples, speed part")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -269,7 +270,7 @@ def main() -> None:
         if args.part in ("accuracy", "all"):
             run_accuracy(name, overrides)
         if args.part in ("speed", "all"):
-            run_speed(name)
+            run_speed(name, args.subsample)
 
 
 if __name__ == "__main__":

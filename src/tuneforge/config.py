@@ -40,7 +40,7 @@ class DataConfig(_Section):
     label_column: str = "label"
     encoding: str = Field("utf-8", description="Text encoding of CSV/TSV/JSONL files, e.g. latin-1.")
     lowercase: bool = False
-    validation_size: float = Field(0.1, gt=0.0, lt=0.5, description="Used when no validation file.")
+    validation_size: float = Field(0.05, gt=0.0, lt=0.5, description="Used when no validation file.")
     max_train_rows: int | None = Field(None, ge=2, description="Seeded stratified subsample of the training set.")
     drop_conflicts: bool = Field(False, description="Drop texts that carry more than one label.")
     drop_leaked: bool = Field(

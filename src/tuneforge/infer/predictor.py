@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +35,6 @@ class Predictor:
         self.run: RunDir = open_run_dir(run_dir)
         if threads:
             torch.set_num_threads(threads)
-        elif torch.get_num_threads() > (os.cpu_count() or 1):
-            torch.set_num_threads(os.cpu_count() or 1)
         self.labels = self.run.labels()
         self.model, self.tokenizer = load_classifier(self.run.model_dir)
         saved = (

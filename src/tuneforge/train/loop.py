@@ -167,7 +167,8 @@ def train(
     pad_id = tokenizer.pad_token_id or 0
 
     # 3. Optimizer and schedule.
-    optimizer = torch.optim.AdamW(parameter_groups(model, tcfg, set(new_parameters)), fused=False)
+    # The fused kernel does the same AdamW math several times faster on CPU (and is what the HF Trainer uses).
+    optimizer = torch.optim.AdamW(parameter_groups(model, tcfg, set(new_parameters)), fused=True)
     batches_per_epoch = math.ceil(len(train_ids) / tcfg.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / tcfg.grad_accum_steps)
     epochs = auto_epochs(len(train_ids), tcfg.epochs, tcfg.min_train_samples, tcfg.max_auto_epochs)
