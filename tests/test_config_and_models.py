@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,7 @@ def test_pickled_weights_are_refused_without_the_trust_flag(tiny_model_dir: Path
 
 def test_hub_id_fails_fast_offline_with_a_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelError, match="hub is unreachable.*local folder"):
+    with pytest.raises(ModelError, match=r"hub is unreachable.*local folder"):
         resolve_model("someone/some-model")
     with pytest.raises(ModelError, match="not a registry name and the folder does not exist"):
         resolve_model("./no/such/folder")
@@ -112,11 +113,11 @@ def test_schedules_have_the_documented_shape() -> None:
     for schedule in ("linear", "cosine", "constant"):
         curve = [lr_factor(s, total_steps=total, warmup_steps=warmup, schedule=schedule) for s in range(total)]
         assert curve[0] == pytest.approx(0.1) and curve[9] == pytest.approx(1.0)
-        assert all(a < b for a, b in zip(curve[:9], curve[1:10], strict=True)), "warm-up rises"
+        assert all(a < b for a, b in pairwise(curve[:10])), "warm-up rises"
         if schedule == "constant":
             assert set(curve[10:]) == {1.0}
         else:
-            assert all(a >= b for a, b in zip(curve[10:], curve[11:], strict=False)), "then decays"
+            assert all(a >= b for a, b in pairwise(curve[10:])), "then decays"
     assert lr_factor(55, total_steps=100, warmup_steps=10, schedule="linear") == pytest.approx(0.5)
     assert lr_factor(55, total_steps=100, warmup_steps=10, schedule="cosine") == pytest.approx(
         0.5 * (1 + math.cos(math.pi * 0.5))

@@ -106,7 +106,6 @@ def _read_texts(path: Path, text_column: str) -> list[str]:
 
 
 def _cmd_predict(args: argparse.Namespace, console: Console) -> int:
-    from tuneforge.errors import TuneforgeError
     from tuneforge.infer.predictor import Predictor
 
     texts = list(args.texts)
