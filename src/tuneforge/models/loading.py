@@ -31,10 +31,8 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         raise ModelError(f"model.name: cannot load the tokenizer of {cfg.name!r}: {str(exc).splitlines()[0]}") from None
 
 
-def load_base_for_classification(
-    cfg: ModelConfig, labels: list[str]
-) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, list[str]]:
-    """Load ``cfg.name`` with a fresh head for ``labels``; return model, tokenizer, new-parameter names."""
+def load_base_for_classification(cfg: ModelConfig, labels: list[str]) -> tuple[torch.nn.Module, list[str]]:
+    """Load ``cfg.name`` with a fresh head for ``labels``; return the model and its new-parameter names."""
     source = resolve_model(cfg.name, trust_pickle=cfg.trust_pickle)
     _quiet_transformers()
     overrides: dict[str, object] = {}
@@ -53,7 +51,6 @@ def load_base_for_classification(
             problem_type="single_label_classification",
             **overrides,
         )
-        tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.name: cannot load {cfg.name!r}: {str(exc).splitlines()[0]}") from None
     limit = model_max_positions(model_config)
@@ -68,8 +65,7 @@ def load_base_for_classification(
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.name: cannot load {cfg.name!r}: {str(exc).splitlines()[0]}") from None
-    new_parameters = [name for name in info.get("missing_keys", [])]
-    return model, tokenizer, new_parameters
+    return model, list(info.get("missing_keys", []))
 
 
 def load_classifier(model_dir: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:

@@ -146,7 +146,7 @@ def train(
     data: PreparedData = prepare_data(cfg.data, seed=tcfg.seed, tokenizer=tokenizer, max_length=cfg.model.max_length)
     label_names = data.labels
     torch.manual_seed(tcfg.seed)
-    model, tokenizer, new_parameters = load_base_for_classification(cfg.model, label_names)
+    model, new_parameters = load_base_for_classification(cfg.model, label_names)
     console.print(format_audit(data.audit))
 
     if not resume:
