@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from tuneforge.config import validate_config
+from tuneforge.config import apply_overrides, validate_config
 from tuneforge.data import LabelledTexts, clean_texts, read_labelled_file, stratified_subsample
 from tuneforge.data.batching import encode_texts
 from tuneforge.metrics import classification_metrics
@@ -93,9 +93,7 @@ def run_accuracy(name: str, overrides: dict) -> None:
             },
             "output": {"dir": str(Path(tmp) / "run")},
         }
-        for key, value in overrides.items():
-            section, field = key.split(".", 1)
-            raw.setdefault(section, {})[field] = value
+        apply_overrides(raw, [f"{key}={value}" for key, value in overrides.items()])
         config = validate_config(raw)
         started = time.perf_counter()
         result = train(config, show_progress=False)
@@ -262,9 +260,8 @@ def main() -> None:
         help="override a default for the accuracy part (to explore; the record keeps it)",
     )
     args = parser.parse_args()
-    import yaml
-
-    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.overrides)}
+    # Kept as written (strings) so the record shows them verbatim; apply_overrides parses the values.
+    overrides = dict(item.split("=", 1) for item in args.overrides)
     torch.set_num_threads(os.cpu_count() or 1)
     names = list(DATASETS) if args.dataset == "all" else [args.dataset]
     for name in names:

@@ -1,4 +1,4 @@
-"""The ``tuneforge`` command line: train, evaluate, predict, demo.
+"""The ``tuneforge`` command line: train, lr-find, evaluate, predict, demo.
 
 Bad input ends with one line on stderr (``error: ...``) and exit code 2; never a traceback.
 """
@@ -45,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("lr-find", help="learning-rate range test: plot loss against learning rate, suggest one")
+    p.add_argument("config", type=Path)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--min-lr", type=float, default=1e-7)
+    p.add_argument("--max-lr", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps, one learning rate each")
+    p.add_argument("--out", type=Path, default=Path("lr_find"), help="folder for lr_find.png and lr_find.json")
+    p.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("evaluate", help="evaluate a run directory on a labelled file")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--data", type=Path, required=True)
@@ -73,6 +82,25 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
 
     config = load_config(args.config, args.overrides)
     train(config, resume=args.resume, overwrite=args.overwrite, console=console, show_progress=not args.no_progress)
+    return 0
+
+
+def _cmd_lr_find(args: argparse.Namespace, console: Console) -> int:
+    from tuneforge.config import load_config
+    from tuneforge.train.lr_find import lr_range_test
+
+    config = load_config(args.config, args.overrides)
+    result = lr_range_test(
+        config,
+        min_lr=args.min_lr,
+        max_lr=args.max_lr,
+        steps=args.steps,
+        out_dir=args.out,
+        console=console,
+        show_progress=not args.no_progress,
+    )
+    print(f"suggested train.learning_rate: {result.suggestion:.3g}")
+    console.print(f"plot: {result.png_path}")
     return 0
 
 
@@ -149,7 +177,13 @@ def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "demo": _cmd_demo}
+COMMANDS = {
+    "train": _cmd_train,
+    "lr-find": _cmd_lr_find,
+    "evaluate": _cmd_evaluate,
+    "predict": _cmd_predict,
+    "demo": _cmd_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

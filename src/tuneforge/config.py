@@ -58,6 +58,15 @@ class DataConfig(_Section):
         return self
 
 
+class AdversarialConfig(_Section):
+    method: Literal["none", "fgm", "pgd"] = Field(
+        "none", description="Perturb the word embeddings along the loss gradient and train on both passes."
+    )
+    epsilon: float = Field(1.0, gt=0.0, description="Norm of the perturbation (FGM) or of its ball (PGD).")
+    steps: int = Field(3, ge=1, le=20, description="PGD: ascent steps per batch.")
+    step_size: float = Field(0.3, gt=0.0, description="PGD: norm of each ascent step.")
+
+
 class TrainConfig(_Section):
     epochs: int | None = Field(
         None,
@@ -69,15 +78,29 @@ class TrainConfig(_Section):
     max_auto_epochs: int = Field(20, ge=1)
     batch_size: int = Field(32, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(1e-4, gt=0.0, le=1.0)
+    learning_rate: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Peak learning rate of the body (or of the adapter). None: the method's default "
+        "(full 1e-4; lora, adalora, adapter 1e-3; ia3 3e-3; prefix 1e-2).",
+    )
     head_learning_rate: float | None = Field(
         2e-3, gt=0.0, le=1.0, description="Classifier head's learning rate; None uses learning_rate."
     )
     weight_decay: float = Field(0.01, ge=0.0)
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    optimizer: Literal["adamw", "adafactor", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (one_cycle cycles it).")
+    schedule: Literal["linear", "cosine", "constant", "one_cycle"] = Field(
+        "linear", description="one_cycle: warm up for warmup_ratio (0.3 is usual), then anneal to ~0."
+    )
     warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0)
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
+    rdrop_alpha: float = Field(
+        0.0, ge=0.0, description="R-Drop: weight of the KL between two dropout passes; 0 disables."
+    )
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     early_stopping_patience: int | None = Field(
         3, ge=1, description="Evaluations without improvement before stopping; None disables."
     )
@@ -90,15 +113,108 @@ class TrainConfig(_Section):
     threads: int | None = Field(None, ge=1, description="torch threads; None uses all cores.")
 
 
+class LoraOptions(_Section):
+    r: int = Field(8, ge=1, le=1024, description="Rank of the low-rank update.")
+    alpha: float = Field(16.0, gt=0.0, description="Scale: the update is multiplied by alpha / r.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["query", "key", "value", "output.dense", "intermediate.dense"],
+        min_length=1,
+        description="Module name suffixes to adapt (matched against the model's Linear layers).",
+    )
+
+
+class AdaLoraOptions(LoraOptions):
+    r: int = Field(12, ge=1, le=1024, description="Initial rank of every adapted module (peft init_r).")
+    target_r: int = Field(4, ge=1, le=1024, description="Average rank kept after pruning the budget.")
+    tinit: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of steps before rank pruning starts.")
+    tfinal: float = Field(0.3, ge=0.0, lt=1.0, description="Fraction of final steps at the target budget.")
+    delta_t: int = Field(10, ge=1, description="Steps between budget re-allocations.")
+    orth_reg_weight: float = Field(0.5, ge=0.0)
+
+    @model_validator(mode="after")
+    def _budget(self) -> AdaLoraOptions:
+        if self.target_r > self.r:
+            raise ValueError(f"target_r ({self.target_r}) must not exceed r ({self.r})")
+        if self.tinit + self.tfinal >= 1.0:
+            raise ValueError(f"tinit + tfinal ({self.tinit} + {self.tfinal}) must leave steps for pruning (< 1)")
+        return self
+
+
+class AdapterOptions(_Section):
+    bottleneck: int = Field(64, ge=1, le=4096, description="Width of the adapter's down-projection.")
+    style: Literal["pfeiffer", "houlsby"] = Field(
+        "pfeiffer", description="pfeiffer: one adapter after each FFN; houlsby: also after attention."
+    )
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class IA3Options(_Section):
+    target_modules: list[str] = Field(default_factory=lambda: ["key", "value", "output.dense"], min_length=1)
+    feedforward_modules: list[str] = Field(
+        default_factory=lambda: ["output.dense"],
+        description="Subset of target_modules whose inputs (not outputs) are rescaled.",
+    )
+
+    @model_validator(mode="after")
+    def _feedforward_subset(self) -> IA3Options:
+        extra = [m for m in self.feedforward_modules if m not in self.target_modules]
+        if extra:
+            raise ValueError(f"feedforward_modules {extra} are not in target_modules {self.target_modules}")
+        return self
+
+
+class PrefixOptions(_Section):
+    num_virtual_tokens: int = Field(16, ge=1, le=512)
+    projection: bool = Field(True, description="Re-parametrise the prefix through an MLP (more stable).")
+
+
+class FinetuneConfig(_Section):
+    method: Literal["full", "lora", "adalora", "adapter", "ia3", "prefix"] = Field(
+        "full", description="full: every weight learns; the others train a small add-on and the head."
+    )
+    freeze_embeddings: bool = Field(
+        False,
+        description="Keep the word-embedding matrix fixed (full fine-tuning): faster steps, and words unseen "
+        "in training keep their pretrained neighbours.",
+    )
+    merge: bool = Field(
+        False, description="Also write the adapter merged into the base model as model/ (lora, adalora, ia3)."
+    )
+    lora: LoraOptions = Field(default_factory=LoraOptions)
+    adalora: AdaLoraOptions = Field(default_factory=AdaLoraOptions)
+    adapter: AdapterOptions = Field(default_factory=AdapterOptions)
+    ia3: IA3Options = Field(default_factory=IA3Options)
+    prefix: PrefixOptions = Field(default_factory=PrefixOptions)
+
+    @model_validator(mode="after")
+    def _merge_possible(self) -> FinetuneConfig:
+        if self.merge and self.method not in ("lora", "adalora", "ia3"):
+            raise ValueError(f"merge: only lora, adalora and ia3 can be merged into the base model, not {self.method}")
+        return self
+
+
 class OutputConfig(_Section):
     dir: Path = Field(Path("runs/run"), description="The run directory this run writes.")
+
+
+# Small encoders want ~1e-4 for full fine-tuning (the usual 2e-5..5e-5 is for BERT-base and up, and
+# under-trains a 6-layer model); freshly initialised add-ons with few parameters want 10x or more.
+DEFAULT_LEARNING_RATES = {"full": 1e-4, "lora": 1e-3, "adalora": 1e-3, "adapter": 1e-3, "ia3": 3e-3, "prefix": 1e-2}
 
 
 class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _resolve_defaults(self) -> RunConfig:
+        if self.train.learning_rate is None:
+            self.train.learning_rate = DEFAULT_LEARNING_RATES[self.finetune.method]
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -2,7 +2,11 @@
 
     RUN_DIR/
       model/               Hugging Face folder (config.json, model.safetensors, tokenizer files);
-                           AutoModelForSequenceClassification.from_pretrained(RUN_DIR/"model") loads it
+                           AutoModelForSequenceClassification.from_pretrained(RUN_DIR/"model") loads it.
+                           Written by full fine-tuning, and by adapter methods with finetune.merge: true
+      adapter/             adapter methods only: the adapter and the classification head (safetensors),
+                           tuneforge_adapter.json (method, base model name, labels) and the tokenizer;
+                           loaded on top of the base model named in config.yaml
       labels.json          label names in class-index order
       config.yaml          the resolved config that produced this run
       audit.json           the data audit (duplicates, conflicts, leakage, lengths)
@@ -23,6 +27,8 @@ from pathlib import Path
 from tuneforge.errors import RunDirError
 
 MODEL_DIR = "model"
+ADAPTER_DIR = "adapter"
+ADAPTER_MANIFEST = "tuneforge_adapter.json"
 LABELS_FILE = "labels.json"
 CONFIG_FILE = "config.yaml"
 AUDIT_FILE = "audit.json"
@@ -39,6 +45,18 @@ class RunDir:
     @property
     def model_dir(self) -> Path:
         return self.path / MODEL_DIR
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / ADAPTER_DIR
+
+    @property
+    def has_full_model(self) -> bool:
+        return (self.model_dir / "config.json").is_file()
+
+    @property
+    def has_adapter(self) -> bool:
+        return (self.adapter_dir / ADAPTER_MANIFEST).is_file()
 
     @property
     def labels_file(self) -> Path:
@@ -85,7 +103,7 @@ def open_run_dir(path: Path | str) -> RunDir:
     run = RunDir(Path(path))
     if not run.path.is_dir():
         raise RunDirError(f"{run.path}: run directory not found")
-    if not (run.model_dir / "config.json").is_file():
-        raise RunDirError(f"{run.path}: no trained model in {MODEL_DIR}/ (was training finished?)")
+    if not (run.has_full_model or run.has_adapter):
+        raise RunDirError(f"{run.path}: no trained model in {MODEL_DIR}/ or {ADAPTER_DIR}/ (was training finished?)")
     run.labels()
     return run

@@ -10,7 +10,8 @@ import yaml
 
 from tuneforge.data.batching import encode_texts
 from tuneforge.data.cleaning import clean_text
-from tuneforge.models.loading import load_classifier, predict_logits, softmax
+from tuneforge.models.loading import predict_logits, softmax
+from tuneforge.models.runs import load_run_classifier
 from tuneforge.rundir import RunDir, open_run_dir
 
 
@@ -36,7 +37,7 @@ class Predictor:
         if threads:
             torch.set_num_threads(threads)
         self.labels = self.run.labels()
-        self.model, self.tokenizer = load_classifier(self.run.model_dir)
+        self.model, self.tokenizer = load_run_classifier(self.run)
         saved = (
             yaml.safe_load(self.run.config_file.read_text(encoding="utf-8")) if self.run.config_file.exists() else {}
         )

@@ -20,6 +20,7 @@ from tuneforge.files import atomic_replace_dir
 WEIGHTS = "model.safetensors"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 STATE = "state.json"
+METHOD_PREFIX = "__method__."
 
 
 def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -48,12 +49,19 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 
 
 def save_checkpoint(
-    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loop_state: dict[str, Any]
+    folder: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loop_state: dict[str, Any],
+    method_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
+    """``method_state``: tensors a fine-tuning method keeps outside its weights (AdaLoRA's importance scores)."""
+
     def write(staging: Path) -> None:
         save_model(model, str(staging / WEIGHTS))
         tensors, meta = _split_optimizer_state(optimizer.state_dict())
         tensors["__rng_torch__"] = torch.get_rng_state()
+        tensors.update({METHOD_PREFIX + key: value.contiguous() for key, value in (method_state or {}).items()})
         save_file(tensors, str(staging / OPTIMIZER_TENSORS))
         state = {"loop": loop_state, "optimizer": meta}
         (staging / STATE).write_text(json.dumps(state), encoding="utf-8")
@@ -68,8 +76,10 @@ def has_checkpoint(folder: Path) -> bool:
     return False
 
 
-def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG in place; return the saved loop state."""
+def load_checkpoint(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Restore weights, optimizer and RNG in place; return the saved loop state and the method's state."""
     if not (folder / STATE).is_file():
         # A crash between the two renames of atomic_replace_dir leaves the last good copy at .old.
         folder = folder.with_name(folder.name + ".old")
@@ -79,6 +89,9 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     load_model(model, str(folder / WEIGHTS), strict=True)
     tensors = load_file(str(folder / OPTIMIZER_TENSORS))
     rng = tensors.pop("__rng_torch__")
+    method_state = {
+        key[len(METHOD_PREFIX) :]: tensors.pop(key) for key in list(tensors) if key.startswith(METHOD_PREFIX)
+    }
     optimizer.load_state_dict(_join_optimizer_state(tensors, state["optimizer"]))
     torch.set_rng_state(rng)
-    return state["loop"]
+    return state["loop"], method_state

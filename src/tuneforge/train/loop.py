@@ -20,20 +20,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from tuneforge import adapters
 from tuneforge.config import RunConfig
 from tuneforge.data import PreparedData, format_audit, prepare_data
 from tuneforge.data.batching import collate, encode_texts, length_grouped_batches
 from tuneforge.errors import RunDirError
 from tuneforge.files import atomic_replace_dir, atomic_write_json, atomic_write_text
 from tuneforge.metrics import classification_metrics, plot_confusion_matrix
-from tuneforge.models.loading import load_base_for_classification, load_classifier, load_tokenizer, predict_logits
+from tuneforge.models.loading import load_tokenizer, predict_logits
+from tuneforge.models.runs import load_run_classifier
 from tuneforge.rundir import RunDir
 from tuneforge.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from tuneforge.train.optim import lr_factor, parameter_groups, set_learning_rate
+from tuneforge.train.optim import apply_schedule
+from tuneforge.train.regularize import regularized_backward
+from tuneforge.train.setup import trainable_model
 
 LOG_EVERY_STEPS = 20
 # Fault injection for the crash test: SIGKILL this process right after the given optimizer step.
@@ -96,7 +99,14 @@ def _progress(console: Console, enabled: bool) -> Progress:
     )
 
 
-def _save_model(run: RunDir, model: torch.nn.Module, tokenizer: Any) -> None:
+def _save_model(run: RunDir, cfg: RunConfig, model: torch.nn.Module, tokenizer: Any, labels: list[str]) -> None:
+    """Keep the current weights as the run's model: a full HF folder, or the adapter and head alone."""
+    if cfg.finetune.method != "full":
+        adapters.save_adapter(
+            model, run.adapter_dir, base_model_name=cfg.model.name, labels=labels, tokenizer=tokenizer
+        )
+        return
+
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
@@ -145,8 +155,15 @@ def train(
     tokenizer = load_tokenizer(cfg.model)
     data: PreparedData = prepare_data(cfg.data, seed=tcfg.seed, tokenizer=tokenizer, max_length=cfg.model.max_length)
     label_names = data.labels
+    batches_per_epoch = math.ceil(len(data.train) / tcfg.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / tcfg.grad_accum_steps)
+    epochs = auto_epochs(len(data.train), tcfg.epochs, tcfg.min_train_samples, tcfg.max_auto_epochs)
+    total_steps = epochs * steps_per_epoch
+    warmup_steps = round(tcfg.warmup_ratio * total_steps)
+    # What learns (everything, or an adapter and the head) and the optimizer.
     torch.manual_seed(tcfg.seed)
-    model, new_parameters = load_base_for_classification(cfg.model, label_names)
+    model, optimizer = trainable_model(cfg, label_names, total_steps=total_steps)
+    trainable, total = adapters.trainable_parameter_count(model)
     console.print(format_audit(data.audit))
 
     if not resume:
@@ -166,14 +183,6 @@ def train(
     lengths = [len(x) for x in train_ids]
     pad_id = tokenizer.pad_token_id or 0
 
-    # 3. Optimizer and schedule.
-    # The fused kernel does the same AdamW math several times faster on CPU (and is what the HF Trainer uses).
-    optimizer = torch.optim.AdamW(parameter_groups(model, tcfg, set(new_parameters)), fused=True)
-    batches_per_epoch = math.ceil(len(train_ids) / tcfg.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / tcfg.grad_accum_steps)
-    epochs = auto_epochs(len(train_ids), tcfg.epochs, tcfg.min_train_samples, tcfg.max_auto_epochs)
-    total_steps = epochs * steps_per_epoch
-    warmup_steps = round(tcfg.warmup_ratio * total_steps)
 
     state: dict[str, Any] = {
         "epoch": 0,
@@ -188,12 +197,14 @@ def train(
         "history": [],
     }
     if resume:
-        state = load_checkpoint(run.checkpoint_dir, model, optimizer)
+        state, method_state = load_checkpoint(run.checkpoint_dir, model, optimizer)
+        adapters.load_training_state(model, method_state)
         _truncate_log(run, state["step"])
         console.print(f"resuming {run.path} at step {state['step']}/{total_steps} (epoch {state['epoch'] + 1})")
     console.print(
         f"training {len(train_ids)} examples, {len(label_names)} labels, {epochs} epochs, "
-        f"{total_steps} steps of {tcfg.batch_size * tcfg.grad_accum_steps}"
+        f"{total_steps} steps of {tcfg.batch_size * tcfg.grad_accum_steps}; {cfg.finetune.method} fine-tuning, "
+        f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)"
     )
 
     def evaluate_and_track() -> None:
@@ -202,7 +213,7 @@ def train(
         improved = state["best"] is None or score > state["best"]
         if improved:
             state.update(best=score, best_step=state["step"], bad_evals=0)
-            _save_model(run, model, tokenizer)
+            _save_model(run, cfg, model, tokenizer, label_names)
         else:
             state["bad_evals"] += 1
         record = {
@@ -238,22 +249,22 @@ def train(
                 started = time.perf_counter()
                 group = batches[state["batch"] : state["batch"] + tcfg.grad_accum_steps]
                 n_samples = sum(len(b) for b in group)
-                set_learning_rate(
-                    optimizer,
-                    lr_factor(
-                        state["step"], total_steps=total_steps, warmup_steps=warmup_steps, schedule=tcfg.schedule
-                    ),
+                apply_schedule(
+                    optimizer, state["step"], total_steps=total_steps, warmup_steps=warmup_steps, schedule=tcfg.schedule
                 )
                 loss_sum = 0.0
                 for indices in group:
-                    logits = model(**collate([train_ids[i] for i in indices], pad_id)).logits
-                    loss = F.cross_entropy(logits, train_y[indices], label_smoothing=tcfg.label_smoothing)
+                    batch = collate([train_ids[i] for i in indices], pad_id)
                     # Weight each micro-batch by its size so the step's loss is the mean over all its samples.
-                    (loss * (len(indices) / n_samples)).backward()
-                    loss_sum += loss.item() * len(indices)
+                    loss = regularized_backward(model, batch, train_y[indices], tcfg, weight=len(indices) / n_samples)
+                    loss_sum += loss * len(indices)
+                penalty = adapters.extra_loss(model)  # AdaLoRA's orthogonality term: once per step
+                if penalty is not None:
+                    penalty.backward()
                 if tcfg.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
                 optimizer.step()
+                adapters.after_backward(model, state["step"])
                 optimizer.zero_grad(set_to_none=True)
 
                 state["step"] += 1
@@ -282,7 +293,7 @@ def train(
                 if evaluated:
                     evaluate_and_track()
                 if evaluated or state["step"] % tcfg.checkpoint_every_steps == 0:
-                    save_checkpoint(run.checkpoint_dir, model, optimizer, state)
+                    save_checkpoint(run.checkpoint_dir, model, optimizer, state, adapters.training_state(model))
                 if kill_at and state["step"] == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
             if not state["done"]:
@@ -290,16 +301,37 @@ def train(
                 state["batch"] = 0
                 if not tcfg.eval_every_steps:
                     evaluate_and_track()
-                save_checkpoint(run.checkpoint_dir, model, optimizer, state)
+                save_checkpoint(run.checkpoint_dir, model, optimizer, state, adapters.training_state(model))
 
-    return _finish(run, cfg, data, state, label_names, console)
+    if cfg.finetune.merge:
+        _write_merged_model(run, tokenizer)
+    counts = {"trainable_parameters": trainable, "total_parameters": total}
+    return _finish(run, cfg, data, state, label_names, console, counts)
+
+
+def _write_merged_model(run: RunDir, tokenizer: Any) -> None:
+    """The kept adapter folded into the base weights: a plain HF model, as fast as the base."""
+    adapted, _ = load_run_classifier(run, prefer="adapter")
+    merged = adapters.merge_adapter(adapted)
+
+    def write(folder: Path) -> None:
+        merged.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    atomic_replace_dir(run.model_dir, write)
 
 
 def _finish(
-    run: RunDir, cfg: RunConfig, data: PreparedData, state: dict[str, Any], label_names: list[str], console: Console
+    run: RunDir,
+    cfg: RunConfig,
+    data: PreparedData,
+    state: dict[str, Any],
+    label_names: list[str],
+    console: Console,
+    counts: dict[str, int],
 ) -> TrainResult:
     """Evaluate the kept (best) model exactly as later stages will load it, then drop the checkpoint."""
-    model, tokenizer = load_classifier(run.model_dir)
+    model, tokenizer = load_run_classifier(run)
     pad_id = tokenizer.pad_token_id or 0
     label_index = {name: i for i, name in enumerate(label_names)}
     bs, max_len = cfg.train.eval_batch_size, cfg.model.max_length
@@ -319,6 +351,7 @@ def _finish(
         "best_step": state["best_step"],
         f"best_validation_{cfg.train.metric}": state["best"],
         "stopped_early": state["done"],
+        **counts,
     }
     atomic_write_json(run.metrics_file, metrics)
     shown = "test" if "test" in metrics else "validation"
