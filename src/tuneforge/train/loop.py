@@ -183,7 +183,6 @@ def train(
     lengths = [len(x) for x in train_ids]
     pad_id = tokenizer.pad_token_id or 0
 
-
     state: dict[str, Any] = {
         "epoch": 0,
         "batch": 0,
