@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from tests.conftest import make_rows, tiny_config
 from tests.test_train import _run_cli
@@ -145,3 +145,40 @@ def test_regularizers_and_optimizers_train_and_change_the_result(
     assert any(not torch.equal(a[k], b[k]) for k in a)
     log = [json.loads(x) for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
+
+
+def test_distillation_trains_a_student_from_a_teacher_run(
+    tiny_model_dir: Path, tiny_data: dict, tmp_path: Path
+) -> None:
+    from tuneforge.optimize.distill import make_student
+
+    teacher_dir = tmp_path / "teacher"
+    train(validate_config(tiny_config(tiny_model_dir, tiny_data, teacher_dir, epochs=2)), show_progress=False)
+    student = make_student(AutoModelForSequenceClassification.from_pretrained(teacher_dir / "model"), 1)
+    student.save_pretrained(tmp_path / "student-init")
+    AutoTokenizer.from_pretrained(teacher_dir / "model").save_pretrained(tmp_path / "student-init")
+
+    results = {}
+    for alpha in (0.0, 1.0):
+        raw = tiny_config(tmp_path / "student-init", tiny_data, tmp_path / f"student-{alpha}", epochs=1)
+        raw["distill"] = {"teacher": str(teacher_dir), "alpha": alpha, "temperature": 2.0}
+        results[alpha] = train(validate_config(raw), show_progress=False)
+    assert (
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "student-1.0" / "model").config.num_hidden_layers
+        == 1
+    )
+    a = load_file(tmp_path / "student-0.0" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "student-1.0" / "model" / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a), "learning from the teacher's soft targets changes training"
+
+
+def test_teacher_with_other_labels_is_refused(tiny_model_dir: Path, tiny_data: dict, tmp_path: Path) -> None:
+    from tests.conftest import write_csv
+
+    other = {"train": write_csv(tmp_path / "two.csv", make_rows(60, seed=3, labels=("happy", "sad")))}
+    train(validate_config(tiny_config(tiny_model_dir, other, tmp_path / "teacher", epochs=1)), show_progress=False)
+    raw = tiny_config(tiny_model_dir, tiny_data, tmp_path / "student", epochs=1)
+    raw["distill"] = {"teacher": str(tmp_path / "teacher")}
+    with pytest.raises(ConfigError, match=r"distill\.teacher: .* same labels"):
+        train(validate_config(raw), show_progress=False)
+    assert not (tmp_path / "student").exists()

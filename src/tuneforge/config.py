@@ -194,6 +194,14 @@ class FinetuneConfig(_Section):
         return self
 
 
+class DistillConfig(_Section):
+    teacher: Path | None = Field(
+        None, description="A run directory whose model teaches this one (knowledge distillation); None: off."
+    )
+    temperature: float = Field(2.0, gt=0.0, description="Softens both distributions before the KL term.")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the KL term; 1 - alpha weighs the labels.")
+
+
 class OutputConfig(_Section):
     dir: Path = Field(Path("runs/run"), description="The run directory this run writes.")
 
@@ -208,6 +216,7 @@ class RunConfig(_Section):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")

@@ -7,6 +7,8 @@
       adapter/             adapter methods only: the adapter and the classification head (safetensors),
                            tuneforge_adapter.json (method, base model name, labels) and the tokenizer;
                            loaded on top of the base model named in config.yaml
+      onnx/                optimized variants only: model.onnx (fp32 or int8) and the tokenizer
+      variant.json         optimized variants only: which variant this is, how it was made, what it scored
       labels.json          label names in class-index order
       config.yaml          the resolved config that produced this run
       audit.json           the data audit (duplicates, conflicts, leakage, lengths)
@@ -29,6 +31,9 @@ from tuneforge.errors import RunDirError
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
 ADAPTER_MANIFEST = "tuneforge_adapter.json"
+ONNX_DIR = "onnx"
+ONNX_FILE = "model.onnx"
+VARIANT_FILE = "variant.json"
 LABELS_FILE = "labels.json"
 CONFIG_FILE = "config.yaml"
 AUDIT_FILE = "audit.json"
@@ -49,6 +54,30 @@ class RunDir:
     @property
     def adapter_dir(self) -> Path:
         return self.path / ADAPTER_DIR
+
+    @property
+    def onnx_file(self) -> Path:
+        return self.path / ONNX_DIR / ONNX_FILE
+
+    @property
+    def variant_file(self) -> Path:
+        return self.path / VARIANT_FILE
+
+    @property
+    def has_onnx(self) -> bool:
+        return self.onnx_file.is_file()
+
+    def variant(self) -> dict:
+        """The optimized-variant description, or {} for a run straight from training."""
+        if not self.variant_file.is_file():
+            return {}
+        try:
+            info = json.loads(self.variant_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise RunDirError(f"{self.variant_file}: invalid JSON ({exc.msg})") from None
+        if not isinstance(info, dict):
+            raise RunDirError(f"{self.variant_file}: expected a JSON object")
+        return info
 
     @property
     def has_full_model(self) -> bool:
@@ -103,7 +132,9 @@ def open_run_dir(path: Path | str) -> RunDir:
     run = RunDir(Path(path))
     if not run.path.is_dir():
         raise RunDirError(f"{run.path}: run directory not found")
-    if not (run.has_full_model or run.has_adapter):
-        raise RunDirError(f"{run.path}: no trained model in {MODEL_DIR}/ or {ADAPTER_DIR}/ (was training finished?)")
+    if not (run.has_full_model or run.has_adapter or run.has_onnx):
+        raise RunDirError(
+            f"{run.path}: no model in {MODEL_DIR}/, {ADAPTER_DIR}/ or {ONNX_DIR}/ (was training finished?)"
+        )
     run.labels()
     return run

@@ -10,8 +10,8 @@ import yaml
 
 from tuneforge.data.batching import encode_texts
 from tuneforge.data.cleaning import clean_text
-from tuneforge.models.loading import predict_logits, softmax
-from tuneforge.models.runs import load_run_classifier
+from tuneforge.models.loading import softmax
+from tuneforge.models.runs import load_run_backend
 from tuneforge.rundir import RunDir, open_run_dir
 
 
@@ -32,12 +32,14 @@ class Prediction:
 class Predictor:
     """Classify texts with a trained run: the same cleaning and truncation as in training."""
 
-    def __init__(self, run_dir: Path | str, *, threads: int | None = None, batch_size: int = 64) -> None:
+    def __init__(
+        self, run_dir: Path | str, *, threads: int | None = None, batch_size: int = 64, form: str = "auto"
+    ) -> None:
         self.run: RunDir = open_run_dir(run_dir)
         if threads:
             torch.set_num_threads(threads)
         self.labels = self.run.labels()
-        self.model, self.tokenizer = load_run_classifier(self.run)
+        self.classifier, self.tokenizer, self.form = load_run_backend(self.run, form=form, threads=threads)
         saved = (
             yaml.safe_load(self.run.config_file.read_text(encoding="utf-8")) if self.run.config_file.exists() else {}
         )
@@ -50,7 +52,7 @@ class Predictor:
     def predict_proba(self, texts: list[str]) -> list[list[float]]:
         cleaned = [clean_text(t, lowercase=self.lowercase) for t in texts]
         ids = encode_texts(self.tokenizer, cleaned, self.max_length)
-        logits = predict_logits(self.model, ids, pad_id=self.pad_id, batch_size=self.batch_size)
+        logits = self.classifier.logits(ids, pad_id=self.pad_id, batch_size=self.batch_size)
         return softmax(logits).tolist()
 
     def predict(self, texts: list[str], *, top_k: int = 1) -> list[Prediction]:

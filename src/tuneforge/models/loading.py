@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from tuneforge.config import ModelConfig
 from tuneforge.data.batching import collate
 from tuneforge.errors import ConfigError, ModelError
+from tuneforge.models.pruned import PRUNED_HEADS_KEY, restore_pruning
 from tuneforge.models.registry import check_weights_are_safe, model_max_positions, resolve_model
 
 
@@ -77,6 +78,8 @@ def load_classifier(model_dir: Path) -> tuple[torch.nn.Module, PreTrainedTokeniz
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{model_dir}: cannot load the model: {str(exc).splitlines()[0]}") from None
+    if getattr(model.config, PRUNED_HEADS_KEY, None):
+        restore_pruning(model)  # a head-pruned model is stored dense; slice the removed heads away again
     model.eval()
     return model, tokenizer
 

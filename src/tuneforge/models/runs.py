@@ -1,21 +1,49 @@
 """Load the classifier a run directory holds, whichever form it was saved in.
 
-A full model (``model/``) loads directly and is preferred when present: a merged adapter is as fast
-as a plain model. Otherwise the base model named in the run's config is loaded and the run's adapter
-(with its trained head) is put on top of it.
+Forms: ``model`` (a plain HF folder: full fine-tuning, a merged adapter, a pruned or distilled model),
+``adapter`` (the base model named in the run's config plus the run's adapter and head) and ``onnx``
+(an exported, possibly int8, ONNX graph run by ONNX Runtime). ``auto`` takes what an optimized
+variant's ``variant.json`` names, else the plain model, else the adapter: a merged adapter is as fast
+as a plain model.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 import torch
 import yaml
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tuneforge.errors import ModelError, RunDirError
-from tuneforge.models.loading import load_classifier
-from tuneforge.rundir import RunDir
+from tuneforge.models.loading import load_classifier, predict_logits
+from tuneforge.rundir import ONNX_DIR, RunDir
+
+FORMS = ("auto", "model", "adapter", "onnx")
+
+
+class Classifier(Protocol):
+    """What inference needs from a model, whatever runs it."""
+
+    @property
+    def num_labels(self) -> int: ...
+
+    def logits(self, encoded: list[list[int]], *, pad_id: int, batch_size: int = 64) -> np.ndarray: ...
+
+
+@dataclass
+class TorchClassifier:
+    model: torch.nn.Module
+
+    @property
+    def num_labels(self) -> int:
+        return int(self.model.config.num_labels)
+
+    def logits(self, encoded: list[list[int]], *, pad_id: int, batch_size: int = 64) -> np.ndarray:
+        return predict_logits(self.model, encoded, pad_id=pad_id, batch_size=batch_size)
 
 
 def run_base_model_name(run: RunDir) -> str:
@@ -49,3 +77,35 @@ def load_run_classifier(run: RunDir, *, prefer: str = "auto") -> tuple[torch.nn.
         model.eval()
         return model, tokenizer
     raise RunDirError(f"{run.path}: no {'adapter' if prefer == 'adapter' else 'model'} saved in this run")
+
+
+def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{folder}: cannot load the tokenizer: {str(exc).splitlines()[0]}") from None
+
+
+def load_run_backend(
+    run: RunDir, *, form: str = "auto", threads: int | None = None
+) -> tuple[Classifier, PreTrainedTokenizerBase, str]:
+    """The run's classifier behind the common :class:`Classifier` interface, its tokenizer and the form used."""
+    if form not in FORMS:
+        raise RunDirError(f"form: must be one of {', '.join(FORMS)}, not {form!r}")
+    variant = run.variant()
+    if form == "auto":
+        form = variant.get("form") or ("model" if run.has_full_model else "adapter" if run.has_adapter else "onnx")
+    if form == "onnx":
+        if not run.has_onnx:
+            raise RunDirError(f"{run.path}: no ONNX model in {ONNX_DIR}/")
+        from tuneforge.models.onnx_runtime import OnnxClassifier
+
+        return OnnxClassifier(run.onnx_file, threads=threads), _load_tokenizer(run.onnx_file.parent), form
+    model, tokenizer = load_run_classifier(run, prefer=form)
+    if form == "model" and variant.get("quantize") == "torch-dynamic-int8":
+        # int8 PyTorch weights cannot be stored as safetensors, so the variant keeps fp32 weights and
+        # quantizes them as it loads (deterministic: the same int8 weights every time).
+        from tuneforge.models.quantized import quantize_torch_dynamic
+
+        model = quantize_torch_dynamic(model)
+    return TorchClassifier(model), tokenizer, form

@@ -34,8 +34,9 @@ from tuneforge.models.loading import load_tokenizer, predict_logits
 from tuneforge.models.runs import load_run_classifier
 from tuneforge.rundir import RunDir
 from tuneforge.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from tuneforge.train.distill import teacher_targets
 from tuneforge.train.optim import apply_schedule
-from tuneforge.train.regularize import regularized_backward
+from tuneforge.train.regularize import Teacher, regularized_backward
 from tuneforge.train.setup import trainable_model
 
 LOG_EVERY_STEPS = 20
@@ -164,6 +165,8 @@ def train(
     torch.manual_seed(tcfg.seed)
     model, optimizer = trainable_model(cfg, label_names, total_steps=total_steps)
     trainable, total = adapters.trainable_parameter_count(model)
+    # Distillation: the fixed teacher's logits on every training text, computed once.
+    soft_targets = teacher_targets(cfg.distill, data.train.texts, label_names) if cfg.distill.teacher else None
     console.print(format_audit(data.audit))
 
     if not resume:
@@ -255,7 +258,12 @@ def train(
                 for indices in group:
                     batch = collate([train_ids[i] for i in indices], pad_id)
                     # Weight each micro-batch by its size so the step's loss is the mean over all its samples.
-                    loss = regularized_backward(model, batch, train_y[indices], tcfg, weight=len(indices) / n_samples)
+                    teacher = None
+                    if soft_targets is not None:
+                        teacher = Teacher(soft_targets[indices], cfg.distill.temperature, cfg.distill.alpha)
+                    loss = regularized_backward(
+                        model, batch, train_y[indices], tcfg, weight=len(indices) / n_samples, teacher=teacher
+                    )
                     loss_sum += loss * len(indices)
                 penalty = adapters.extra_loss(model)  # AdaLoRA's orthogonality term: once per step
                 if penalty is not None:

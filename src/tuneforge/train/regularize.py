@@ -23,11 +23,38 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from tuneforge.config import TrainConfig
+from tuneforge.train.distill import distillation_loss
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A distillation teacher's logits for the current micro-batch, and how to weigh them."""
+
+    logits: torch.Tensor
+    temperature: float
+    alpha: float
+
+
+def task_loss(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float, teacher: Teacher | None = None
+) -> torch.Tensor:
+    """Cross-entropy with label smoothing, or, with a teacher, the distillation loss."""
+    if teacher is None:
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    return distillation_loss(
+        logits,
+        teacher.logits,
+        labels,
+        temperature=teacher.temperature,
+        alpha=teacher.alpha,
+        label_smoothing=label_smoothing,
+    )
 
 
 def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
@@ -41,11 +68,14 @@ def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor
 
 
 def _rdrop_terms(
-    logits_a: torch.Tensor, logits_b: torch.Tensor, labels: torch.Tensor, label_smoothing: float
+    logits_a: torch.Tensor,
+    logits_b: torch.Tensor,
+    labels: torch.Tensor,
+    label_smoothing: float,
+    teacher: Teacher | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     ce = 0.5 * (
-        F.cross_entropy(logits_a, labels, label_smoothing=label_smoothing)
-        + F.cross_entropy(logits_b, labels, label_smoothing=label_smoothing)
+        task_loss(logits_a, labels, label_smoothing, teacher) + task_loss(logits_b, labels, label_smoothing, teacher)
     )
     return ce, symmetric_kl(logits_a, logits_b)
 
@@ -197,13 +227,21 @@ def _batch_gradient_of(weight: torch.Tensor) -> Iterator[None]:
 
 
 def _cross_entropy(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor, cfg: TrainConfig
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    teacher: Teacher | None = None,
 ) -> torch.Tensor:
-    return F.cross_entropy(model(**batch).logits, labels, label_smoothing=cfg.label_smoothing)
+    return task_loss(model(**batch).logits, labels, cfg.label_smoothing, teacher)
 
 
 def _clean_loss(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor, cfg: TrainConfig
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    teacher: Teacher | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to minimise, its cross-entropy part to report)."""
     if cfg.rdrop_alpha > 0:
@@ -211,14 +249,19 @@ def _clean_loss(
         # batch is faster than two small ones.
         doubled = {key: torch.cat([value, value]) for key, value in batch.items()}
         logits_a, logits_b = model(**doubled).logits.chunk(2)
-        ce, kl = _rdrop_terms(logits_a, logits_b, labels, cfg.label_smoothing)
+        ce, kl = _rdrop_terms(logits_a, logits_b, labels, cfg.label_smoothing, teacher)
         return ce + cfg.rdrop_alpha * kl, ce
-    loss = _cross_entropy(model, batch, labels, cfg)
+    loss = _cross_entropy(model, batch, labels, cfg, teacher)
     return loss, loss
 
 
 def regularized_backward(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor, cfg: TrainConfig, weight: float
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    weight: float,
+    teacher: Teacher | None = None,
 ) -> float:
     """Forward, loss and backward of one training micro-batch, with the regularizers ``cfg`` enables.
 
@@ -228,6 +271,7 @@ def regularized_backward(
     mean over both passes, without the KL term), so logged losses stay comparable across settings.
 
     - ``rdrop_alpha > 0``: the clean loss is :func:`rdrop_loss` over two dropout passes.
+    - ``teacher``: every cross-entropy becomes the distillation loss against the teacher's logits.
     - ``adversarial.method`` fgm/pgd: after the clean backward, one (FGM) or ``steps`` (PGD) passes
       on perturbed word embeddings; the last one's plain cross-entropy (no R-Drop) is back-propagated
       with the same ``weight``, so the step follows clean + adversarial gradients (the usual recipe;
@@ -235,19 +279,19 @@ def regularized_backward(
     """
     adversarial = cfg.adversarial
     if adversarial.method == "none":
-        loss, ce = _clean_loss(model, batch, labels, cfg)
+        loss, ce = _clean_loss(model, batch, labels, cfg, teacher)
         (loss * weight).backward()
         return ce.item()
 
     embeddings = embedding_weight(model)
     with _batch_gradient_of(embeddings):
-        loss, ce = _clean_loss(model, batch, labels, cfg)
+        loss, ce = _clean_loss(model, batch, labels, cfg, teacher)
         (loss * weight).backward()
         if adversarial.method == "fgm":
             fgm = FGM(embeddings, adversarial.epsilon)
             fgm.attack()
             try:
-                (_cross_entropy(model, batch, labels, cfg) * weight).backward()
+                (_cross_entropy(model, batch, labels, cfg, teacher) * weight).backward()
             finally:
                 fgm.restore()
         elif adversarial.method == "pgd":
@@ -256,7 +300,7 @@ def regularized_backward(
             try:
                 for step in range(adversarial.steps):
                     pgd.attack(grad)
-                    adv_loss = _cross_entropy(model, batch, labels, cfg)
+                    adv_loss = _cross_entropy(model, batch, labels, cfg, teacher)
                     if step < adversarial.steps - 1:
                         # Only the direction matters here, so no weight; .grad is left alone.
                         (grad,) = torch.autograd.grad(adv_loss, embeddings)
