@@ -1,4 +1,4 @@
-"""The ``tuneforge`` command line: train, lr-find, evaluate, predict, demo.
+"""The ``tuneforge`` command line: train, lr-find, optimize, evaluate, predict, demo.
 
 Bad input ends with one line on stderr (``error: ...``) and exit code 2; never a traceback.
 """
@@ -54,6 +54,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("lr_find"), help="folder for lr_find.png and lr_find.json")
     p.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser("optimize", help="build quantized, pruned, distilled and ONNX variants; keep the best")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, help="run directory of the chosen variant (default: RUN_DIR-optimized)")
+    p.add_argument("--max-drop", type=float, default=1.0, help="accuracy points the variant may lose (default 1.0)")
+    p.add_argument("--target", choices=["latency", "size"], default="latency")
+    p.add_argument("--variants", help="comma-separated subset (default: all)")
+    p.add_argument("--data", type=Path, help="labelled file to measure on (default: the run's validation split)")
+    p.add_argument("--prune-heads", type=float, default=0.25, help="fraction of attention heads to remove")
+    p.add_argument("--prune-ffn", type=float, default=0.5, help="fraction of FFN neurons to remove")
+    p.add_argument("--recovery-epochs", type=int, default=2, help="distillation epochs after pruning")
+    p.add_argument("--student-layers", type=int, help="layers of the distilled student (default: half)")
+    p.add_argument("--distill-epochs", type=int, help="student's epochs (default: the run's epoch rule)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--overwrite", action="store_true")
+
     p = sub.add_parser("evaluate", help="evaluate a run directory on a labelled file")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--data", type=Path, required=True)
@@ -101,6 +116,30 @@ def _cmd_lr_find(args: argparse.Namespace, console: Console) -> int:
     )
     print(f"suggested train.learning_rate: {result.suggestion:.3g}")
     console.print(f"plot: {result.png_path}")
+    return 0
+
+
+def _cmd_optimize(args: argparse.Namespace, console: Console) -> int:
+    from tuneforge.optimize.pipeline import VARIANTS, OptimizeOptions, optimize_run
+
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip()) if args.variants else VARIANTS
+    for name, value in (("--prune-heads", args.prune_heads), ("--prune-ffn", args.prune_ffn)):
+        if not 0.0 <= value < 1.0:
+            raise TuneforgeError(f"{name}: must be in [0, 1), got {value}")
+    options = OptimizeOptions(
+        max_drop=args.max_drop,
+        target=args.target,
+        variants=variants,
+        prune_heads=args.prune_heads,
+        prune_ffn=args.prune_ffn,
+        recovery_epochs=args.recovery_epochs,
+        student_layers=args.student_layers,
+        distill_epochs=args.distill_epochs,
+        threads=args.threads,
+        data_file=args.data,
+    )
+    result = optimize_run(args.run_dir, out_dir=args.out, options=options, overwrite=args.overwrite, console=console)
+    print(f"chosen: {result.chosen}\trun directory: {result.out_dir}")
     return 0
 
 

@@ -20,7 +20,7 @@ from tuneforge.adapters.common import METADATA_FILE, head_module_names
 from tuneforge.config import AdapterOptions, FinetuneConfig
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.files import atomic_replace_dir
-from tuneforge.models.loading import _quiet_transformers
+from tuneforge.models.loading import quiet_transformers
 from tuneforge.models.registry import resolve_model
 
 METHODS: dict[str, ModuleType] = {
@@ -174,7 +174,7 @@ def read_metadata(adapter_dir: Path | str) -> dict[str, Any]:
 
 def load_base(source: str, metadata: dict[str, Any]) -> PreTrainedModel:
     """The base classifier with a head of the adapter's size (its weights come from the adapter)."""
-    _quiet_transformers()
+    quiet_transformers()
     labels = list(metadata["labels"])
     try:
         return AutoModelForSequenceClassification.from_pretrained(

@@ -15,7 +15,7 @@ from tuneforge.models.pruned import PRUNED_HEADS_KEY, restore_pruning
 from tuneforge.models.registry import check_weights_are_safe, model_max_positions, resolve_model
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     # "Some weights were newly initialized" is expected for a fresh classifier head, and per-load
     # progress bars drown our own; tuneforge reports what matters itself.
     from transformers.utils import logging as hf_logging
@@ -35,7 +35,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 def load_base_for_classification(cfg: ModelConfig, labels: list[str]) -> tuple[torch.nn.Module, list[str]]:
     """Load ``cfg.name`` with a fresh head for ``labels``; return the model and its new-parameter names."""
     source = resolve_model(cfg.name, trust_pickle=cfg.trust_pickle)
-    _quiet_transformers()
+    quiet_transformers()
     overrides: dict[str, object] = {}
     if cfg.hidden_dropout is not None:
         overrides["hidden_dropout_prob"] = cfg.hidden_dropout
@@ -66,13 +66,15 @@ def load_base_for_classification(cfg: ModelConfig, labels: list[str]) -> tuple[t
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.name: cannot load {cfg.name!r}: {str(exc).splitlines()[0]}") from None
+    if getattr(model.config, PRUNED_HEADS_KEY, None):
+        restore_pruning(model)  # keep pruned heads out while training a pruned model further
     return model, list(info.get("missing_keys", []))
 
 
 def load_classifier(model_dir: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Load a fine-tuned classifier folder (safetensors only) for inference."""
     check_weights_are_safe(model_dir, trust_pickle=False)
-    _quiet_transformers()
+    quiet_transformers()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)

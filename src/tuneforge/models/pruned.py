@@ -13,7 +13,8 @@ checkpoints round-trip too. Loaders call :func:`restore_pruning`; ``tuneforge.op
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -110,6 +111,8 @@ _QKV = ("self.query", "self.key", "self.value")
 
 def _pad_heads_state_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
     """state_dict post-hook of a head-pruned attention: write the removed heads back as zeros."""
+    if getattr(module, "_tuneforge_sliced_state_dict", False):
+        return
     kept = module._tuneforge_kept_heads
     n, d = module._tuneforge_num_heads, module._tuneforge_head_size
     if len(kept) == n:
@@ -185,6 +188,23 @@ def record_pruned_heads(model: nn.Module) -> None:
         setattr(model.config, PRUNED_HEADS_KEY, removed)
     elif hasattr(model.config, PRUNED_HEADS_KEY):
         delattr(model.config, PRUNED_HEADS_KEY)
+
+
+@contextmanager
+def sliced_state_dict(model: nn.Module) -> Iterator[None]:
+    """Within this block ``state_dict()`` shows the real, sliced parameters (no dense zero padding).
+
+    Tracers (ONNX export) read ``state_dict(keep_vars=True)`` to find a module's parameters; the dense
+    copies made for saving are not those parameters, and tracing would fail.
+    """
+    attentions = [m for m in model.modules() if hasattr(m, "_tuneforge_kept_heads")]
+    for module in attentions:
+        module._tuneforge_sliced_state_dict = True
+    try:
+        yield
+    finally:
+        for module in attentions:
+            module._tuneforge_sliced_state_dict = False
 
 
 def restore_pruning(model: nn.Module) -> nn.Module:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from tuneforge.files import atomic_write_with
+from tuneforge.models.pruned import sliced_state_dict
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "logits"
@@ -61,7 +62,7 @@ def export_onnx(model: torch.nn.Module, path: Path, *, opset: int = 17) -> Path:
     }
 
     def write(tmp: Path) -> None:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), sliced_state_dict(model):
             # Expected and harmless here: the legacy-exporter notice, and transformers' shape checks
             # (always true/false for an encoder with a mask) being traced as constants; parity is
             # checked with variable-length padded batches instead (see ``parity``).

@@ -1,0 +1,368 @@
+"""`tuneforge optimize`: build cheaper variants of a trained run, measure them, keep the best.
+
+Variants (each is itself a run directory under ``OUT/variants/<name>/``):
+
+    torch-fp32           the run's model as trained (the baseline every ratio is against)
+    torch-int8           PyTorch dynamic int8 (quantized as it loads)
+    onnx-fp32            ONNX export, run by ONNX Runtime
+    onnx-int8            ONNX Runtime dynamic int8 (per-channel signed weights)
+    onnx-int8-static     ONNX Runtime static int8, calibrated on training texts
+    pruned               least important heads and FFN neurons removed, then distilled from the run
+    pruned-onnx-int8     the pruned model, exported and int8-quantized
+    distilled            half the layers, initialised from the run's own layers, distilled from it
+    distilled-onnx-int8  the student, exported and int8-quantized
+
+Every variant is scored on the run's validation data in this one process (accuracy, macro-F1,
+batch-1 latency, batch-32 throughput, size on disk, peak memory); the best within the accuracy
+budget becomes ``OUT`` itself, a run directory that ``predict``, ``evaluate`` and ``serve`` load.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+
+from tuneforge.config import RunConfig, validate_config
+from tuneforge.data import prepare_data
+from tuneforge.data.batching import encode_texts
+from tuneforge.errors import ConfigError, RunDirError, TuneforgeError
+from tuneforge.files import atomic_replace_dir, atomic_write_json, atomic_write_text
+from tuneforge.models.loading import quiet_transformers
+from tuneforge.models.onnx_runtime import OnnxClassifier
+from tuneforge.models.quantized import quantize_torch_dynamic
+from tuneforge.models.runs import TorchClassifier, load_run_classifier
+from tuneforge.optimize.measure import (
+    Measurement,
+    folder_size_mb,
+    markdown_table,
+    measure,
+    pick_variant,
+    plot_frontier,
+    reset_peak_rss,
+)
+from tuneforge.rundir import ONNX_DIR, ONNX_FILE, RunDir, open_run_dir
+
+VARIANTS = (
+    "torch-fp32",
+    "torch-int8",
+    "onnx-fp32",
+    "onnx-int8",
+    "onnx-int8-static",
+    "pruned",
+    "pruned-onnx-int8",
+    "distilled",
+    "distilled-onnx-int8",
+)
+BASELINE = "torch-fp32"
+COPIED_FILES = ("labels.json", "config.yaml", "audit.json")
+CALIBRATION_TEXTS = 256
+IMPORTANCE_TEXTS = 512
+
+
+@dataclass
+class OptimizeOptions:
+    max_drop: float = 1.0
+    target: str = "latency"
+    variants: tuple[str, ...] = VARIANTS
+    prune_heads: float = 0.25
+    prune_ffn: float = 0.5
+    recovery_epochs: int = 2
+    student_layers: int | None = None  # None: half the teacher's layers
+    distill_epochs: int | None = None  # None: the run's own epoch rule
+    threads: int | None = None
+    data_file: Path | None = None  # labelled texts to measure on; None: the run's validation split
+
+
+@dataclass
+class OptimizeResult:
+    out_dir: Path
+    chosen: str
+    measurements: list[Measurement]
+    rejected: list[str]
+
+
+def check_variants(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"--variants: unknown variant {unknown[0]!r} (known: {', '.join(VARIANTS)})")
+    if BASELINE not in names:
+        names = (BASELINE, *names)
+    return tuple(dict.fromkeys(names))
+
+
+def _source_config(run: RunDir) -> RunConfig:
+    try:
+        raw = yaml.safe_load(run.config_file.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise RunDirError(f"{run.path}: no config.yaml, so its data and settings are unknown") from None
+    return validate_config(raw)
+
+
+def _validation_data(cfg: RunConfig, run: RunDir, data_file: Path | None) -> Any:
+    """The run's own validation split (re-made from its config and seed), or ``data_file`` if given."""
+    data_cfg = cfg.data.model_copy()
+    if data_file is not None:
+        data_cfg.validation = data_file
+    try:
+        return prepare_data(data_cfg, seed=cfg.train.seed)
+    except TuneforgeError as exc:
+        raise RunDirError(
+            f"{run.path}: no validation data to measure variants on ({exc}); pass --data FILE with labelled texts"
+        ) from None
+
+
+def _write_run(folder: Path, source: RunDir, variant: dict[str, Any], write_model: Callable[[Path], None]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in COPIED_FILES:
+        if (source.path / name).exists():
+            shutil.copy2(source.path / name, folder / name)
+    write_model(folder)
+    atomic_write_json(folder / "variant.json", variant)
+
+
+def _save_hf(model: torch.nn.Module, tokenizer: Any) -> Callable[[Path], None]:
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder / "model")
+        tokenizer.save_pretrained(folder / "model")
+
+    return write
+
+
+class _Builder:
+    """Builds and measures variants into ``work`` (the staging copy of OUT)."""
+
+    def __init__(self, source: RunDir, cfg: RunConfig, work: Path, options: OptimizeOptions, console: Console) -> None:
+        self.source, self.cfg, self.work, self.options, self.console = source, cfg, work, options, console
+        self.model, self.tokenizer = load_run_classifier(source, prefer="model" if source.has_full_model else "adapter")
+        if not source.has_full_model:
+            from tuneforge.adapters import merge_adapter
+
+            self.model = merge_adapter(self.model)  # ConfigError for methods that cannot merge
+        self.model.eval()
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.labels = source.labels()
+        self.data = _validation_data(cfg, source, options.data_file)
+        index = {label: i for i, label in enumerate(self.labels)}
+        unknown = sorted(set(self.data.validation.labels) - set(index))
+        if unknown:
+            raise RunDirError(f"validation data has labels the run does not know: {unknown[:5]}")
+        max_length = cfg.model.max_length
+        self.val_ids = encode_texts(self.tokenizer, self.data.validation.texts, max_length)
+        self.val_y = [index[y] for y in self.data.validation.labels]
+        self.measurements: list[Measurement] = []
+
+    def variant_dir(self, name: str) -> Path:
+        return self.work / "variants" / name
+
+    def _measure(self, name: str, classifier: Any, size_mb: float, parameters: int | None = None) -> None:
+        self.console.print(f"measuring {name} ...")
+        result = measure(
+            name,
+            classifier,
+            self.val_ids,
+            self.val_y,
+            self.labels,
+            pad_id=self.pad_id,
+            size_mb=size_mb,
+            parameters=parameters,
+        )
+        self.measurements.append(result)
+        info = json.loads((self.variant_dir(name) / "variant.json").read_text())
+        info["validation"] = result.to_dict()
+        atomic_write_json(self.variant_dir(name) / "variant.json", info)
+        self.console.print(
+            f"  {name}: accuracy {result.accuracy:.2f}, p50 {result.latency_p50_ms:.1f} ms, "
+            f"{result.throughput_bs32:.0f} samples/s, {result.size_mb:.1f} MB"
+        )
+
+    # --- PyTorch variants -------------------------------------------------------------------------
+
+    def torch_variant(self, name: str, model: torch.nn.Module, *, quantize: bool = False, extra: dict | None = None):
+        folder = self.variant_dir(name)
+        info = {"name": name, "form": "model", "source_run": str(self.source.path), **(extra or {})}
+        if quantize:
+            info["quantize"] = "torch-dynamic-int8"
+        _write_run(folder, self.source, info, _save_hf(model, self.tokenizer))
+        reset_peak_rss()
+        runnable = quantize_torch_dynamic(model) if quantize else model
+        # int8 weights are a quarter of fp32, but stored fp32 (quantized at load): report what is on disk.
+        size = folder_size_mb(folder / "model")
+        parameters = sum(p.numel() for p in model.parameters())
+        self._measure(name, TorchClassifier(runnable), size, parameters)
+
+    def onnx_variant(self, name: str, model: torch.nn.Module, *, quantize: str | None) -> None:
+        from tuneforge.optimize.export import export_onnx, parity
+        from tuneforge.optimize.quantize import quantize_onnx_dynamic, quantize_onnx_static
+
+        folder = self.variant_dir(name)
+        info = {"name": name, "form": "onnx", "source_run": str(self.source.path), "quantize": quantize}
+
+        def write(run_folder: Path) -> None:
+            target = run_folder / ONNX_DIR / ONNX_FILE
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if quantize is None:
+                export_onnx(model, target)
+                info["parity_max_abs_diff"] = parity(model, target, self.val_ids[:256], self.pad_id)
+            else:
+                fp32 = run_folder / ONNX_DIR / "fp32.onnx"
+                export_onnx(model, fp32)
+                if quantize == "dynamic":
+                    quantize_onnx_dynamic(fp32, target)
+                else:
+                    calibration = encode_texts(self.tokenizer, self.data.train.texts[:4096], self.cfg.model.max_length)
+                    quantize_onnx_static(fp32, target, calibration, self.pad_id, max_samples=CALIBRATION_TEXTS)
+                fp32.unlink()
+            self.tokenizer.save_pretrained(run_folder / ONNX_DIR)
+
+        _write_run(folder, self.source, info, write)
+        reset_peak_rss()
+        classifier = OnnxClassifier(folder / ONNX_DIR / ONNX_FILE, threads=self.options.threads)
+        self._measure(name, classifier, folder_size_mb(folder / ONNX_DIR / ONNX_FILE))
+
+    # --- trained variants -------------------------------------------------------------------------
+
+    def _train_from(self, init_folder: Path, out: Path, epochs: int | None) -> torch.nn.Module:
+        """Train the model in ``init_folder`` on the run's data, distilling from the run itself."""
+        from tuneforge.train.loop import train
+
+        raw = self.cfg.model_dump(mode="json")
+        raw["model"]["name"] = str(init_folder)
+        raw["finetune"] = {"method": "full"}
+        raw["distill"] = {**raw.get("distill", {}), "teacher": str(self.source.path)}
+        raw["train"]["epochs"] = epochs
+        raw["train"]["learning_rate"] = self.cfg.train.learning_rate if self.cfg.finetune.method == "full" else None
+        raw["output"] = {"dir": str(out)}
+        result = train(validate_config(raw), overwrite=True, console=self.console, show_progress=False)
+        model, _ = load_run_classifier(RunDir(result.run_dir), prefer="model")
+        return model.eval()
+
+    def pruned(self) -> torch.nn.Module:
+        import copy
+
+        from tuneforge.optimize.prune import importance, prune
+
+        self.console.print(
+            f"pruning {self.options.prune_heads:.0%} of heads and {self.options.prune_ffn:.0%} of FFN neurons"
+        )
+        model = copy.deepcopy(self.model)
+        index = {label: i for i, label in enumerate(self.labels)}
+        texts, labels = self.data.train.texts[:IMPORTANCE_TEXTS], self.data.train.labels[:IMPORTANCE_TEXTS]
+        encoded = encode_texts(self.tokenizer, texts, self.cfg.model.max_length)
+        head_scores, ffn_scores = importance(model, encoded, [index[y] for y in labels], pad_id=self.pad_id)
+        prune(
+            model,
+            head_fraction=self.options.prune_heads,
+            ffn_fraction=self.options.prune_ffn,
+            head_scores=head_scores,
+            ffn_scores=ffn_scores,
+        )
+        init = self.work / "scratch" / "pruned-init"
+        model.save_pretrained(init)
+        self.tokenizer.save_pretrained(init)
+        return self._train_from(init, self.work / "scratch" / "pruned-run", self.options.recovery_epochs)
+
+    def distilled(self) -> torch.nn.Module:
+        from tuneforge.optimize.distill import make_student
+
+        layers = self.options.student_layers or max(1, self.model.config.num_hidden_layers // 2)
+        self.console.print(f"distilling a {layers}-layer student from the {self.model.config.num_hidden_layers}")
+        student = make_student(self.model, layers)
+        init = self.work / "scratch" / "student-init"
+        student.save_pretrained(init)
+        self.tokenizer.save_pretrained(init)
+        return self._train_from(init, self.work / "scratch" / "student-run", self.options.distill_epochs)
+
+
+def optimize_run(
+    run_dir: Path | str,
+    *,
+    out_dir: Path | str | None = None,
+    options: OptimizeOptions | None = None,
+    overwrite: bool = False,
+    console: Console | None = None,
+) -> OptimizeResult:
+    """Build, measure and compare the variants of ``run_dir``; write the best as the run directory ``out_dir``."""
+    options = options or OptimizeOptions()
+    console = console or Console(stderr=True)
+    variants = check_variants(options.variants)
+    if options.max_drop < 0:
+        raise ConfigError(f"--max-drop: must be >= 0, got {options.max_drop}")
+    if options.target not in ("latency", "size"):
+        raise ConfigError(f"--target: must be latency or size, not {options.target!r}")
+    source = open_run_dir(run_dir)
+    out = Path(out_dir) if out_dir is not None else source.path.with_name(source.path.name + "-optimized")
+    if out.resolve() == source.path.resolve():
+        raise RunDirError(f"--out: {out} is the source run; choose another folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise RunDirError(f"--out: {out} already exists; pass --overwrite to replace it")
+    cfg = _source_config(source)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    quiet_transformers()
+
+    result: dict[str, Any] = {}
+
+    def build(work: Path) -> None:
+        builder = _Builder(source, cfg, work, options, console)
+        models = {"base": builder.model}
+        for name in variants:
+            base = "pruned" if name.startswith("pruned") else "distilled" if name.startswith("distilled") else "base"
+            if base not in models:
+                models[base] = getattr(builder, base)()
+            model = models[base]
+            if name in ("torch-fp32", "pruned", "distilled"):
+                builder.torch_variant(name, model)
+            elif name == "torch-int8":
+                builder.torch_variant(name, model, quantize=True)
+            elif name == "onnx-fp32":
+                builder.onnx_variant(name, model, quantize=None)
+            elif name.endswith("onnx-int8"):
+                builder.onnx_variant(name, model, quantize="dynamic")
+            elif name == "onnx-int8-static":
+                builder.onnx_variant(name, model, quantize="static")
+        shutil.rmtree(work / "scratch", ignore_errors=True)
+        chosen, rejected = pick_variant(
+            builder.measurements, baseline=BASELINE, max_drop=options.max_drop, target=options.target
+        )
+        # OUT itself is the chosen variant's run directory; the others stay under variants/.
+        chosen_dir = builder.variant_dir(chosen.name)
+        for item in chosen_dir.iterdir():
+            if item.is_dir():
+                shutil.copytree(item, work / item.name)
+            else:
+                shutil.copy2(item, work / item.name)
+        baseline = next(m for m in builder.measurements if m.name == BASELINE)
+        atomic_write_json(work / "metrics.json", {"validation": chosen.to_dict(), "baseline": baseline.to_dict()})
+        report = {
+            "source_run": str(source.path),
+            "chosen": chosen.name,
+            "max_drop": options.max_drop,
+            "target": options.target,
+            "validation_examples": len(builder.val_ids),
+            "measurements": [m.to_dict() for m in builder.measurements],
+            "rejected": rejected,
+        }
+        atomic_write_json(work / "optimize_report.json", report)
+        table = markdown_table(builder.measurements, baseline=BASELINE, chosen=chosen.name)
+        atomic_write_text(
+            work / "optimize_report.md",
+            f"# Variants of {source.path}\n\nValidation: {len(builder.val_ids)} texts. Budget: accuracy drop "
+            f"<= {options.max_drop} points; target: {options.target}. Chosen: **{chosen.name}**.\n\n{table}\n",
+        )
+        plot_frontier(
+            builder.measurements, work / "frontier.png", chosen=chosen.name, title=f"variants of {source.path.name}"
+        )
+        result.update(chosen=chosen.name, measurements=builder.measurements, rejected=rejected, table=table)
+
+    atomic_replace_dir(out, build)
+    console.print(result["table"])
+    console.print(f"chosen: {result['chosen']} → {out}")
+    return OptimizeResult(out, result["chosen"], result["measurements"], result["rejected"])

@@ -1,0 +1,95 @@
+"""`tuneforge optimize` on the tiny BERT: variants, the picker, the chosen run directory, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import make_rows, tiny_config
+from tuneforge.config import validate_config
+from tuneforge.errors import ConfigError, RunDirError
+from tuneforge.infer.predictor import Predictor
+from tuneforge.optimize.measure import Measurement, pick_variant
+from tuneforge.optimize.pipeline import VARIANTS, OptimizeOptions, optimize_run
+from tuneforge.train.loop import train
+
+FAST = {"recovery_epochs": 1, "distill_epochs": 1, "threads": 1}
+
+
+@pytest.fixture()
+def tiny_run(tiny_model_dir: Path, tiny_data: dict, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    train(validate_config(tiny_config(tiny_model_dir, tiny_data, out, epochs=4)), show_progress=False)
+    return out
+
+
+def _m(name: str, accuracy: float, p50: float, size: float, throughput: float = 100.0) -> Measurement:
+    return Measurement(name, accuracy, accuracy, p50, p50 * 1.5, throughput, size, None)
+
+
+def test_picker_respects_the_accuracy_budget() -> None:
+    ms = [
+        _m("torch-fp32", 90.0, 10.0, 90.0),
+        _m("onnx-int8", 89.5, 4.0, 23.0),
+        _m("distilled-onnx-int8", 88.0, 2.0, 18.0),
+    ]
+    assert pick_variant(ms, baseline="torch-fp32", max_drop=1.0, target="latency")[0].name == "onnx-int8"
+    assert pick_variant(ms, baseline="torch-fp32", max_drop=2.0, target="latency")[0].name == "distilled-onnx-int8"
+    assert pick_variant(ms, baseline="torch-fp32", max_drop=0.0, target="latency")[0].name == "torch-fp32"
+    assert pick_variant(ms, baseline="torch-fp32", max_drop=1.0, target="size")[0].name == "onnx-int8"
+    chosen, rejected = pick_variant(ms, baseline="torch-fp32", max_drop=0.4, target="size")
+    assert chosen.name == "torch-fp32" and len(rejected) == 2 and "onnx-int8" in rejected[0]
+
+
+def test_optimize_builds_measures_and_keeps_the_best(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "opt"
+    result = optimize_run(tiny_run, out_dir=out, options=OptimizeOptions(max_drop=5.0, **FAST))
+
+    names = [m.name for m in result.measurements]
+    assert names == list(VARIANTS)
+    report = json.loads((out / "optimize_report.json").read_text())
+    assert report["chosen"] == result.chosen and (out / "frontier.png").is_file()
+    assert "| variant |" in (out / "optimize_report.md").read_text()
+    baseline = next(m for m in result.measurements if m.name == "torch-fp32")
+    chosen = next(m for m in result.measurements if m.name == result.chosen)
+    assert chosen.accuracy >= baseline.accuracy - 5.0
+
+    sizes = {m.name: m.size_mb for m in result.measurements}
+    assert sizes["onnx-int8"] < sizes["onnx-fp32"]
+    params = {m.name: m.parameters for m in result.measurements}
+    assert params["pruned"] < params["torch-fp32"] and params["distilled"] < params["torch-fp32"]
+
+    texts = [t for t, _ in make_rows(12, seed=9)]
+    reference = np.array(Predictor(tiny_run).predict_proba(texts))
+    onnx = Predictor(out / "variants" / "onnx-fp32")
+    assert onnx.form == "onnx"
+    assert np.allclose(np.array(onnx.predict_proba(texts)), reference, atol=1e-4)
+    assert Predictor(out / "variants" / "torch-int8").form == "model"
+    # The chosen variant is itself a run directory, loadable like any other.
+    chosen_predictor = Predictor(out)
+    assert [p.label for p in chosen_predictor.predict(texts)]
+    assert json.loads((out / "variant.json").read_text())["name"] == result.chosen
+
+
+def test_unknown_variant_is_an_error(tiny_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown variant 'onnx-int4'"):
+        optimize_run(tiny_run, out_dir=tmp_path / "o", options=OptimizeOptions(variants=("onnx-int4",)))
+    assert not (tmp_path / "o").exists()
+
+
+def test_run_without_validation_data_is_an_error(tiny_run: Path, tiny_data: dict, tmp_path: Path) -> None:
+    tiny_data["train"].unlink()  # the run's training file (its validation split comes from it) is gone
+    with pytest.raises(RunDirError, match="no validation data to measure variants on"):
+        optimize_run(tiny_run, out_dir=tmp_path / "o", options=OptimizeOptions(variants=("onnx-fp32",)))
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_needs_overwrite(tiny_run: Path, tmp_path: Path) -> None:
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("x")
+    with pytest.raises(RunDirError, match="already exists"):
+        optimize_run(tiny_run, out_dir=tmp_path / "o", options=OptimizeOptions(variants=("onnx-fp32",)))
+    assert (tmp_path / "o" / "keep.txt").read_text() == "x"
