@@ -5,7 +5,7 @@ its own fresh process (so peak memory is its own), then scores the evaluation sp
 trainable parameters (count and %), accuracy, macro-F1, train samples/s, peak memory (RSS) and the
 size on disk of what the method adds to the base model.
 
-    python benchmarks/bench_peft.py --dataset banking77 --epochs 6
+    python benchmarks/bench_peft.py --dataset banking77 --epochs 6 [--keep runs/peft-banking77]
     python benchmarks/bench_peft.py --dataset sst2 --subsample 10000 --epochs 2 --methods full,lora
 
 The datasets are read from ``$TUNEFORGE_DATA_DIR`` (default ``../shared/data``). Results are
@@ -41,7 +41,9 @@ def _folder_bytes(folder: Path, suffix: str = ".safetensors") -> int:
     return sum(p.stat().st_size for p in folder.rglob(f"*{suffix}")) if folder.is_dir() else 0
 
 
-def run_one(dataset: str, method: str, epochs: int, subsample: int | None, overrides: list[str]) -> dict:
+def run_one(
+    dataset: str, method: str, epochs: int, subsample: int | None, overrides: list[str], keep: Path | None = None
+) -> dict:
     """Train one method in this process and return its row (called in a child process)."""
     import torch
 
@@ -51,6 +53,7 @@ def run_one(dataset: str, method: str, epochs: int, subsample: int | None, overr
     train_file, eval_file, text_col, label_col = DATASETS[dataset]
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
+        run_dir = (keep / method) if keep else Path(tmp) / "run"
         raw = {
             "data": {
                 "train": str(DATA_DIR / train_file),
@@ -61,12 +64,12 @@ def run_one(dataset: str, method: str, epochs: int, subsample: int | None, overr
             },
             "train": {"epochs": epochs},
             "finetune": {"method": method},
-            "output": {"dir": str(Path(tmp) / "run")},
+            "output": {"dir": str(run_dir)},
         }
         apply_overrides(raw, overrides)
         config = validate_config(raw)
         started = time.perf_counter()
-        result = train(config, show_progress=False)
+        result = train(config, overwrite=True, show_progress=False)
         wall = time.perf_counter() - started
         run = result.run_dir
         added_bytes = _folder_bytes(run / "adapter") if method != "full" else _folder_bytes(run / "model")
@@ -109,10 +112,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="the same for every method")
     parser.add_argument("--subsample", type=int, default=None, help="seeded stratified subsample of train")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--keep", type=Path, help="keep each method's run directory under KEEP/<method>")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method, print its row
     args = parser.parse_args()
     if args.one:
-        print("ROW " + json.dumps(run_one(args.dataset, args.one, args.epochs, args.subsample, args.overrides)))
+        print(
+            "ROW " + json.dumps(run_one(args.dataset, args.one, args.epochs, args.subsample, args.overrides, args.keep))
+        )
         return
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -125,6 +131,7 @@ def main() -> None:
     for method in methods:
         command = [sys.executable, __file__, "--dataset", args.dataset, "--epochs", str(args.epochs), "--one", method]
         command += ["--subsample", str(args.subsample)] if args.subsample else []
+        command += ["--keep", str(args.keep.resolve())] if args.keep else []
         command += [item for override in args.overrides for item in ("--set", override)]
         print(f"== {method}", flush=True)
         child = subprocess.run(command, capture_output=True, text=True, check=False)
