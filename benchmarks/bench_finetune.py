@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from bench_data import DATASETS, RESULTS_DIR, dataset
 from tuneforge.config import apply_overrides, validate_config
 from tuneforge.data import LabelledTexts, clean_texts, read_labelled_file, stratified_subsample
 from tuneforge.data.batching import encode_texts
@@ -37,15 +38,7 @@ from tuneforge.models.loading import predict_logits
 from tuneforge.models.registry import resolve_model
 from tuneforge.train.loop import train
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = Path(os.environ.get("TUNEFORGE_DATA_DIR", ROOT.parent / "shared" / "data"))
-RESULTS = ROOT / "benchmarks" / "results" / "finetune.jsonl"
-
-DATASETS = {
-    # name: (train file, evaluation file, text column, label column, evaluation split name)
-    "sst2": ("sst2/train.tsv", "sst2/dev.tsv", "sentence", "label", "dev"),
-    "banking77": ("banking77/train.csv", "banking77/test.csv", "text", "category", "test"),
-}
+RESULTS = RESULTS_DIR / "finetune.jsonl"
 SPEED_SUBSAMPLE = 10_000
 SPEED_SETTINGS = {
     "batch_size": 32,
@@ -60,12 +53,8 @@ SPEED_SETTINGS = {
 
 
 def _files(name: str) -> tuple[Path, Path, str, str, str]:
-    train_file, eval_file, text_col, label_col, split = DATASETS[name]
-    train_path, eval_path = DATA_DIR / train_file, DATA_DIR / eval_file
-    for path in (train_path, eval_path):
-        if not path.is_file():
-            raise SystemExit(f"{path}: not found; set TUNEFORGE_DATA_DIR to the folder holding {name}/")
-    return train_path, eval_path, text_col, label_col, split
+    data = dataset(name)
+    return data.train, data.evaluation, data.text_column, data.label_column, data.eval_split
 
 
 def _record(result: dict) -> None:
@@ -82,17 +71,9 @@ def _record(result: dict) -> None:
 
 def run_accuracy(name: str, overrides: dict) -> None:
     """tuneforge with the default model and default config on the full training set."""
-    train_path, eval_path, text_col, label_col, split = _files(name)
+    split = dataset(name).eval_split
     with tempfile.TemporaryDirectory() as tmp:
-        raw = {
-            "data": {
-                "train": str(train_path),
-                "test": str(eval_path),
-                "text_column": text_col,
-                "label_column": label_col,
-            },
-            "output": {"dir": str(Path(tmp) / "run")},
-        }
+        raw = dataset(name).config(Path(tmp) / "run")
         apply_overrides(raw, [f"{key}={value}" for key, value in overrides.items()])
         config = validate_config(raw)
         started = time.perf_counter()

@@ -22,17 +22,10 @@ from pathlib import Path
 
 import torch
 
-from tuneforge.config import validate_config
+from bench_data import DATASETS, RESULTS_DIR, dataset
+from tuneforge.config import apply_overrides, validate_config
 from tuneforge.train.loop import train
 from tuneforge.train.lr_find import lr_range_test
-
-ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = Path(os.environ.get("TUNEFORGE_DATA_DIR", ROOT.parent / "shared" / "data"))
-RESULTS_DIR = ROOT / "benchmarks" / "results"
-DATASETS = {
-    "sst2": ("sst2/train.tsv", "sst2/dev.tsv", "sentence", "label"),
-    "banking77": ("banking77/train.csv", "banking77/test.csv", "text", "category"),
-}
 
 
 def _reference(dataset: str) -> float | None:
@@ -52,28 +45,29 @@ def main() -> None:
     parser.add_argument("--dataset", choices=list(DATASETS), default="banking77")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--reference", type=float, help="accuracy of the tuned default (else read from records)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="applied to both the range test and the training (e.g. train.epochs=6, to match --reference)",
+    )
     args = parser.parse_args()
-    train_file, eval_file, text_col, label_col = DATASETS[args.dataset]
-    for path in (DATA_DIR / train_file, DATA_DIR / eval_file):
-        if not path.is_file():
-            raise SystemExit(f"{path}: not found; set TUNEFORGE_DATA_DIR to the folder holding {args.dataset}/")
+    data = dataset(args.dataset)
     reference = args.reference if args.reference is not None else _reference(args.dataset)
     torch.set_num_threads(os.cpu_count() or 1)
     plot_dir = RESULTS_DIR / f"lr_find_{args.dataset}"
     with tempfile.TemporaryDirectory() as tmp:
-        raw = {
-            "data": {
-                "train": str(DATA_DIR / train_file),
-                "test": str(DATA_DIR / eval_file),
-                "text_column": text_col,
-                "label_column": label_col,
-            },
-            "output": {"dir": str(Path(tmp) / "run")},
-        }
+        raw = apply_overrides(data.config(Path(tmp) / "run"), args.overrides)
         started = time.perf_counter()
         found = lr_range_test(validate_config(raw), steps=args.steps, out_dir=plot_dir, show_progress=False)
         find_seconds = time.perf_counter() - started
-        raw["train"] = {"learning_rate": found.suggestion, "head_learning_rate": found.head_suggestion}
+        raw["train"] = {
+            **raw.get("train", {}),
+            "learning_rate": found.suggestion,
+            "head_learning_rate": found.head_suggestion,
+        }
         started = time.perf_counter()
         result = train(validate_config(raw), show_progress=False)
         train_minutes = (time.perf_counter() - started) / 60
@@ -81,6 +75,7 @@ def main() -> None:
     record = {
         "benchmark": "lr_find",
         "dataset": args.dataset,
+        "overrides": args.overrides,
         "suggested_learning_rate": found.suggestion,
         "suggested_head_learning_rate": found.head_suggestion,
         "range_test_seconds": round(find_seconds, 1),

@@ -23,18 +23,13 @@ from pathlib import Path
 
 import torch
 
+from bench_data import DATASETS, RESULTS_DIR, ROOT, dataset
 from tuneforge.config import apply_overrides, validate_config
 from tuneforge.infer.evaluate import evaluate_file
 from tuneforge.optimize.pipeline import OptimizeOptions, optimize_run
 from tuneforge.train.loop import train
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = Path(os.environ.get("TUNEFORGE_DATA_DIR", ROOT.parent / "shared" / "data"))
-RESULTS = ROOT / "benchmarks" / "results" / "optimize.jsonl"
-DATASETS = {
-    "sst2": ("sst2/train.tsv", "sst2/dev.tsv", "sentence", "label"),
-    "banking77": ("banking77/train.csv", "banking77/test.csv", "text", "category"),
-}
+RESULTS = RESULTS_DIR / "optimize.jsonl"
 
 
 def main() -> None:
@@ -47,25 +42,13 @@ def main() -> None:
     parser.add_argument("--recovery-epochs", type=int, default=2)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    train_file, eval_file, text_col, label_col = DATASETS[args.dataset]
-    for path in (DATA_DIR / train_file, DATA_DIR / eval_file):
-        if not path.is_file():
-            raise SystemExit(f"{path}: not found; set TUNEFORGE_DATA_DIR to the folder holding {args.dataset}/")
+    data = dataset(args.dataset)
     torch.set_num_threads(os.cpu_count() or 1)
     started = time.perf_counter()
     run = args.run
     if run is None:
         run = ROOT / "runs" / f"bench-{args.dataset}"
-        raw = {
-            "data": {
-                "train": str(DATA_DIR / train_file),
-                "test": str(DATA_DIR / eval_file),
-                "text_column": text_col,
-                "label_column": label_col,
-            },
-            "output": {"dir": str(run)},
-        }
-        apply_overrides(raw, args.overrides)
+        raw = apply_overrides(data.config(run), args.overrides)
         train(validate_config(raw), overwrite=True, show_progress=False)
     train_minutes = (time.perf_counter() - started) / 60
 
@@ -78,8 +61,8 @@ def main() -> None:
     optimize_minutes = (time.perf_counter() - started) / 60
 
     # The same held-out test set for the baseline, the chosen variant and the student.
-    test_file = DATA_DIR / eval_file
-    columns = {"text_column": text_col, "label_column": label_col}
+    test_file = data.evaluation
+    columns = {"text_column": data.text_column, "label_column": data.label_column}
     test = {
         "baseline": evaluate_file(run, test_file, out_dir=out / "evaluations-baseline", **columns)[0]["accuracy"],
         "chosen": evaluate_file(out, test_file, **columns)[0]["accuracy"],

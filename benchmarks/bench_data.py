@@ -1,0 +1,55 @@
+"""The real datasets the benchmarks use, read in place from ``$TUNEFORGE_DATA_DIR`` (default ``../shared/data``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(os.environ.get("TUNEFORGE_DATA_DIR", ROOT.parent / "shared" / "data"))
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    train: Path
+    evaluation: Path
+    text_column: str
+    label_column: str
+    eval_split: str  # what the evaluation file is called in the literature
+
+    def check(self) -> Dataset:
+        for path in (self.train, self.evaluation):
+            if not path.is_file():
+                raise SystemExit(f"{path}: not found; set TUNEFORGE_DATA_DIR to the folder holding {self.name}/")
+        return self
+
+    def config(self, out_dir: Path | str, **sections: Any) -> dict[str, Any]:
+        """A raw tuneforge config training on the whole train file and testing on the evaluation file."""
+        raw: dict[str, Any] = {
+            "data": {
+                "train": str(self.train),
+                "test": str(self.evaluation),
+                "text_column": self.text_column,
+                "label_column": self.label_column,
+            },
+            "output": {"dir": str(out_dir)},
+        }
+        for section, values in sections.items():
+            raw.setdefault(section, {}).update(values)
+        return raw
+
+
+DATASETS = {
+    "sst2": Dataset("sst2", DATA_DIR / "sst2/train.tsv", DATA_DIR / "sst2/dev.tsv", "sentence", "label", "dev"),
+    "banking77": Dataset(
+        "banking77", DATA_DIR / "banking77/train.csv", DATA_DIR / "banking77/test.csv", "text", "category", "test"
+    ),
+}
+
+
+def dataset(name: str) -> Dataset:
+    return DATASETS[name].check()
