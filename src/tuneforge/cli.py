@@ -1,4 +1,4 @@
-"""The ``tuneforge`` command line: train, lr-find, optimize, evaluate, predict, demo.
+"""The ``tuneforge`` command line: train, lr-find, optimize, evaluate, predict, serve, demo.
 
 Bad input ends with one line on stderr (``error: ...``) and exit code 2; never a traceback.
 """
@@ -84,6 +84,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", default="text")
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="stream --file chunk by chunk into this .csv/.tsv/.jsonl file (constant memory, written atomically)",
+    )
+    p.add_argument("--chunk-size", type=int, default=1024, help="texts read and classified at a time with --out")
+    p.add_argument("--encoding", default="utf-8", help="encoding of --file with --out (default utf-8)")
+    p.add_argument("--form", choices=["auto", "model", "adapter", "onnx"], default="auto", help="which saved model")
+    p.add_argument("--threads", type=int, help="CPU threads for the model")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("serve", help="serve a run directory over HTTP (dynamic batching, metrics, playground)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="server processes, each with its own copy of the model")
+    p.add_argument("--max-batch-size", type=int, default=32, help="texts per model call")
+    p.add_argument("--max-wait-ms", type=float, default=1.0, help="how long a text may wait for others to batch with")
+    p.add_argument("--max-queue", type=int, default=1024, help="texts waiting at most; beyond: 503 + Retry-After")
+    p.add_argument("--max-texts", type=int, default=64, help="texts per request at most (else 413)")
+    p.add_argument("--max-chars", type=int, default=2000, help="characters per text at most (else 413)")
+    p.add_argument("--truncate", action="store_true", help="cut texts longer than --max-chars instead of a 413")
+    p.add_argument("--api-key", help="require this key (Authorization: Bearer KEY or X-API-Key); env TUNEFORGE_API_KEY")
+    p.add_argument(
+        "--cors-origin", dest="cors_origins", action="append", default=[], help="allow this browser origin (repeatable)"
+    )
+    p.add_argument("--form", choices=["auto", "model", "adapter", "onnx"], default="auto", help="which saved model")
+    p.add_argument("--threads", type=int, help="CPU threads per worker for the model (default: cores / workers)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
     p = sub.add_parser("demo", help="fine-tune the default model on the bundled demo data")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -172,23 +201,82 @@ def _read_texts(path: Path, text_column: str) -> list[str]:
     return read_labelled_file(path, text_column=text_column, require_labels=False).texts
 
 
+def _cmd_predict_stream(args: argparse.Namespace, console: Console) -> int:
+    from tuneforge.infer.predictor import Predictor
+    from tuneforge.infer.stream import TextSource, output_format, stream_predictions
+
+    if not args.file:
+        raise TuneforgeError("--out: needs --file FILE (texts given as arguments are printed, not streamed)")
+    if args.texts:
+        raise TuneforgeError("--out: give either texts as arguments or --file FILE, not both")
+    if args.json:
+        raise TuneforgeError("--json: not with --out (the format follows the --out file's suffix)")
+    if args.chunk_size < 1:
+        raise TuneforgeError(f"--chunk-size: must be at least 1, got {args.chunk_size}")
+    output_format(args.out)
+    # Check the input before loading the model, which takes seconds.
+    source = TextSource(args.file, text_column=args.text_column, encoding=args.encoding)
+    predictor = Predictor(args.run_dir, threads=args.threads, form=args.form)
+    result = stream_predictions(
+        predictor,
+        source,
+        args.out,
+        top_k=args.top_k,
+        chunk_size=args.chunk_size,
+        show_progress=not args.no_progress,
+        console=console,
+    )
+    console.print(
+        f"wrote {result.rows:,} predictions to {result.out} ({result.texts_per_second:,.1f} texts/s)", highlight=False
+    )
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace, console: Console) -> int:
     from tuneforge.infer.predictor import Predictor
 
+    if args.top_k < 1:
+        raise TuneforgeError("--top-k: must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise TuneforgeError("--threads: must be at least 1")
+    if args.out:
+        return _cmd_predict_stream(args, console)
     texts = list(args.texts)
     if args.file:
         texts += _read_texts(args.file, args.text_column)
     if not texts:
         raise TuneforgeError("predict: give texts as arguments or --file FILE")
-    if args.top_k < 1:
-        raise TuneforgeError("--top-k: must be at least 1")
-    predictor = Predictor(args.run_dir)
+    predictor = Predictor(args.run_dir, threads=args.threads, form=args.form)
     for text, prediction in zip(texts, predictor.predict(texts, top_k=args.top_k), strict=True):
         if args.json:
             print(json.dumps({"text": text, **prediction.to_dict()}, ensure_ascii=False))
         else:
             print(f"{prediction.label}\t{prediction.probability:.4f}\t{text}")
     return 0
+
+
+def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
+    from tuneforge.serve.server import run_server
+    from tuneforge.serve.settings import API_KEY_ENV, ServeSettings
+
+    settings = ServeSettings(
+        run_dir=args.run_dir,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_texts_per_request=args.max_texts,
+        max_chars=args.max_chars,
+        truncate=args.truncate,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        cors_origins=tuple(args.cors_origins),
+        form=args.form,
+        threads=args.threads,
+        log_level=args.log_level,
+    )
+    return run_server(settings, console=console)
 
 
 def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
@@ -221,6 +309,8 @@ COMMANDS = {
     "lr-find": _cmd_lr_find,
     "evaluate": _cmd_evaluate,
     "predict": _cmd_predict,
+    "optimize": _cmd_optimize,
+    "serve": _cmd_serve,
     "demo": _cmd_demo,
 }
 

@@ -1,0 +1,204 @@
+"""Dynamic batching: texts from concurrent requests share one model call.
+
+A request's texts wait in a bounded queue. One collector task takes the oldest request and, until
+``max_batch_size`` texts are gathered or the oldest has waited ``max_wait``, adds later requests;
+the batch then runs in a single model thread, so the event loop keeps accepting and answering while
+the model works, and requests that arrive meanwhile form the next batch. Under load that is where
+batches come from: the oldest text has waited long enough by the time the model is free, so nothing
+waits on purpose; ``max_wait`` only holds back a text that finds the model idle, to gather a burst.
+A full queue refuses new work at once (the caller answers 503 + Retry-After) instead of letting
+latency grow without bound. Closing stops new work and finishes everything already accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tuneforge.serve.metrics import ServeMetrics
+
+logger = logging.getLogger("tuneforge.serve")
+
+InferFn = Callable[[list[str]], Sequence[Sequence[float]] | np.ndarray]
+
+
+class QueueFullError(Exception):
+    """The queue holds ``max_queue`` texts already; try again shortly."""
+
+
+class BatcherClosedError(Exception):
+    """The server is shutting down and accepts no new work."""
+
+
+@dataclass
+class _Pending:
+    texts: list[str]
+    future: asyncio.Future[np.ndarray]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        infer: InferFn,
+        *,
+        max_batch_size: int = 32,
+        max_wait_s: float = 0.005,
+        max_queue: int = 1024,
+        metrics: ServeMetrics | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1 and max_wait_s >= 0")
+        self._infer = infer
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self._metrics = metrics
+        self._queue: deque[_Pending] = deque()
+        self._queued_texts = 0
+        self._closing = False
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        # One thread: the model already uses every core it was given; two calls at once would only
+        # fight over them. A thread (not the loop) so that the loop stays responsive.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuneforge-model")
+
+    @property
+    def queued_texts(self) -> int:
+        return self._queued_texts
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def start(self) -> None:
+        """Start the collector on the running event loop."""
+        if self._task is None:
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._collect(), name="tuneforge-batcher")
+
+    async def submit(self, texts: list[str]) -> np.ndarray:
+        """Probabilities for ``texts`` (one row each), once their batch has run."""
+        if self._closing:
+            raise BatcherClosedError("shutting down")
+        if self._task is None or self._wakeup is None:
+            raise RuntimeError("DynamicBatcher.start() was not called")
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        if self._queued_texts + len(texts) > self.max_queue:
+            raise QueueFullError(f"{self._queued_texts} texts are waiting (limit {self.max_queue})")
+        pending = _Pending(list(texts), asyncio.get_running_loop().create_future())
+        self._queue.append(pending)
+        self._set_depth(self._queued_texts + len(texts))
+        self._wakeup.set()
+        # A caller that is cancelled (client gone) cancels only its own future; the collector then
+        # skips it, and a batch it was part of still answers everyone else.
+        return await pending.future
+
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Refuse new work, finish all accepted work (up to ``timeout_s``), then stop."""
+        self._closing = True
+        if self._task is not None and self._wakeup is not None:
+            self._wakeup.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+            except TimeoutError:
+                self._task.cancel()
+                self._fail_all(BatcherClosedError("shutdown timed out"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _set_depth(self, value: int) -> None:
+        self._queued_texts = value
+        if self._metrics is not None:
+            self._metrics.queue_depth.set(value)
+
+    def _fail_all(self, error: Exception) -> None:
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(error)
+        self._set_depth(0)
+
+    async def _collect(self) -> None:
+        try:
+            await self._collect_forever()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must not leave callers waiting forever
+            logger.exception("batcher stopped")
+            self._closing = True
+            self._fail_all(exc)
+
+    async def _collect_forever(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            # The wait is counted from the oldest request's arrival: when the model was busy it has
+            # waited already, and the queue then usually holds a full batch anyway.
+            deadline = self._queue[0].enqueued + self.max_wait_s
+            while self._queued_texts < self.max_batch_size and not self._closing:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+            batch = self._take()
+            if batch:
+                await self._run(loop, batch)
+
+    def _take(self) -> list[_Pending]:
+        """Whole requests, oldest first, up to max_batch_size texts (at least one request)."""
+        batch: list[_Pending] = []
+        size = 0
+        taken = 0
+        while self._queue:
+            head = self._queue[0]
+            if batch and size + len(head.texts) > self.max_batch_size:
+                break
+            self._queue.popleft()
+            taken += len(head.texts)
+            if head.future.done():  # its caller was cancelled; nobody wants the answer
+                continue
+            batch.append(head)
+            size += len(head.texts)
+        self._set_depth(self._queued_texts - taken)
+        return batch
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        texts = [text for pending in batch for text in pending.texts]
+        started = time.perf_counter()
+        try:
+            probabilities = np.asarray(await loop.run_in_executor(self._executor, self._infer, texts))
+            if probabilities.ndim != 2 or probabilities.shape[0] != len(texts):
+                raise RuntimeError(f"model returned shape {probabilities.shape} for {len(texts)} texts")
+        except Exception as exc:
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+            return
+        if self._metrics is not None:
+            self._metrics.batch_seconds.observe(time.perf_counter() - started)
+            self._metrics.batch_size.observe(len(texts))
+            self._metrics.texts.inc(len(texts))
+        offset = 0
+        for pending in batch:
+            rows = probabilities[offset : offset + len(pending.texts)]
+            offset += len(pending.texts)
+            if not pending.future.done():
+                pending.future.set_result(rows)

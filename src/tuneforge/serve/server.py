@@ -1,0 +1,86 @@
+"""Run the app under uvicorn: checks that fail fast, worker processes, graceful shutdown.
+
+On SIGTERM or Ctrl+C uvicorn stops listening, lets open requests finish (up to the drain timeout)
+and then runs the app's shutdown, which finishes anything still queued: no accepted request is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from dataclasses import replace
+
+from rich.console import Console
+
+from tuneforge.errors import TuneforgeError
+from tuneforge.rundir import open_run_dir
+from tuneforge.serve.settings import ServeSettings
+
+LOGGER_NAME = "tuneforge.serve"
+
+
+def configure_logging(level: str) -> None:
+    logger = logging.getLogger(LOGGER_NAME)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        # The same shape as uvicorn's lines, so the two read as one log.
+        handler.setFormatter(logging.Formatter("%(levelname)-9s %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level.upper())
+
+
+def _check_port(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise TuneforgeError(f"--port: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def prepare_settings(settings: ServeSettings) -> ServeSettings:
+    """Validate everything that can be checked before starting, so bad input is one line and exit 2."""
+    settings.validate()
+    open_run_dir(settings.run_dir)
+    if settings.threads is None and settings.workers > 1:
+        # Workers share the cores; each taking all of them would oversubscribe the machine.
+        settings = replace(settings, threads=max(1, (os.cpu_count() or 1) // settings.workers))
+    _check_port(settings.host, settings.port)
+    return settings
+
+
+def run_server(settings: ServeSettings, *, console: Console | None = None) -> int:
+    import uvicorn
+
+    from tuneforge.serve.app import create_app
+
+    settings = prepare_settings(settings)
+    configure_logging(settings.log_level)
+    console = console or Console(stderr=True)
+    where = f"http://{'[' + settings.host + ']' if ':' in settings.host else settings.host}:{settings.port}"
+    console.print(
+        f"serving [bold]{settings.run_dir}[/bold] on {where}  (playground {where}/, API docs {where}/docs"
+        f"{', API key required' if settings.api_key else ''})",
+        highlight=False,
+    )
+    common = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        # An access line per request costs more than a batched classification at high load.
+        "access_log": settings.log_level == "debug",
+        "timeout_graceful_shutdown": int(settings.drain_timeout_s),
+        "server_header": False,
+    }
+    if settings.workers == 1:
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), **common))
+        server.run()
+        return 0 if server.started else 1
+    # Worker processes are started fresh by uvicorn and rebuild the app from the environment.
+    os.environ.update(settings.to_env())
+    uvicorn.run("tuneforge.serve.app:app_from_env", factory=True, workers=settings.workers, **common)
+    return 0
