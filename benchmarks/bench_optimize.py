@@ -26,7 +26,8 @@ import torch
 from bench_data import DATASETS, RESULTS_DIR, ROOT, dataset
 from tuneforge.config import apply_overrides, validate_config
 from tuneforge.infer.evaluate import evaluate_file
-from tuneforge.optimize.pipeline import OptimizeOptions, optimize_run
+from tuneforge.optimize.measure import Measurement, markdown_table, pick_variant
+from tuneforge.optimize.pipeline import BASELINE, OptimizeOptions, optimize_run, remeasure
 from tuneforge.train.loop import train
 
 RESULTS = RESULTS_DIR / "optimize.jsonl"
@@ -40,10 +41,20 @@ def main() -> None:
     parser.add_argument("--max-drop", type=float, default=1.0)
     parser.add_argument("--distill-epochs", type=int, help="student's epochs (default: the run's epoch rule)")
     parser.add_argument("--recovery-epochs", type=int, default=2)
+    parser.add_argument(
+        "--measure-only", action="store_true", help="re-measure the variants already in --out (a quiet machine)"
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     data = dataset(args.dataset)
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.measure_only:
+        out = args.out or ROOT / "runs" / f"optimized-{args.dataset}"
+        measurements = remeasure(out)
+        chosen, _ = pick_variant(measurements, baseline=BASELINE, max_drop=args.max_drop, target="latency")
+        print(markdown_table(measurements, baseline=BASELINE, chosen=chosen.name))
+        _record_ratios(args, out, measurements, chosen.name, mode="measure-only")
+        return
     started = time.perf_counter()
     run = args.run
     if run is None:
@@ -92,6 +103,30 @@ def main() -> None:
     with RESULTS.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
     print((out / "optimize_report.md").read_text())
+    print(json.dumps({k: v for k, v in record.items() if k != "measurements"}, indent=2))
+
+
+def _record_ratios(
+    args: argparse.Namespace, out: Path, measurements: list[Measurement], chosen: str, mode: str
+) -> None:
+    by_name = {m.name: m for m in measurements}
+    baseline, best = by_name[BASELINE], by_name[chosen]
+    record = {
+        "benchmark": "optimize",
+        "mode": mode,
+        "dataset": args.dataset,
+        "out": str(out),
+        "chosen": chosen,
+        "max_drop": args.max_drop,
+        "throughput_ratio": round(best.throughput_bs32 / baseline.throughput_bs32, 2),
+        "size_ratio": round(baseline.size_mb / best.size_mb, 2),
+        "validation_accuracy_drop": round(baseline.accuracy - best.accuracy, 2),
+        "measurements": [m.to_dict() for m in measurements],
+        "threads": torch.get_num_threads(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    with RESULTS.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
     print(json.dumps({k: v for k, v in record.items() if k != "measurements"}, indent=2))
 
 

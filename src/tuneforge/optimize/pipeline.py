@@ -366,3 +366,41 @@ def optimize_run(
     console.print(result["table"])
     console.print(f"chosen: {result['chosen']} → {out}")
     return OptimizeResult(out, result["chosen"], result["measurements"], result["rejected"])
+
+
+def remeasure(out_dir: Path | str, *, console: Console | None = None) -> list[Measurement]:
+    """Measure the variants an earlier ``optimize_run`` saved in ``out_dir/variants`` again, in this process.
+
+    Timings are only comparable within one quiet process; use this to repeat them on a quiet machine.
+    """
+    from tuneforge.models.runs import load_run_backend
+
+    console = console or Console(stderr=True)
+    out = Path(out_dir)
+    report = json.loads((out / "optimize_report.json").read_text(encoding="utf-8"))
+    names = [m["name"] for m in report["measurements"]]
+    source = open_run_dir(report["source_run"])
+    cfg = _source_config(source)
+    data = _validation_data(cfg, source, None)
+    labels = source.labels()
+    index = {label: i for i, label in enumerate(labels)}
+    results = []
+    for name in names:
+        run = open_run_dir(out / "variants" / name)
+        reset_peak_rss()
+        classifier, tokenizer, form = load_run_backend(run)
+        encoded = encode_texts(tokenizer, data.validation.texts, cfg.model.max_length)
+        weights = run.onnx_file if form == "onnx" else run.model_dir
+        console.print(f"measuring {name} ...")
+        results.append(
+            measure(
+                name,
+                classifier,
+                encoded,
+                [index[y] for y in data.validation.labels],
+                labels,
+                pad_id=tokenizer.pad_token_id or 0,
+                size_mb=folder_size_mb(weights),
+            )
+        )
+    return results
