@@ -94,3 +94,15 @@ def tiny_config(model_dir: Path, data: dict[str, Path], out: Path, **train: obje
         },
         "output": {"dir": str(out)},
     }
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory trained once per test session on the tiny model (a few seconds); read-only for tests."""
+    from tuneforge.config import validate_config
+    from tuneforge.train.loop import train
+
+    folder = tmp_path_factory.mktemp("trained-run")
+    data = {"train": write_csv(folder / "train.csv", make_rows(90, seed=11))}
+    raw = tiny_config(tiny_model_dir, data, folder / "run", epochs=2)
+    return train(validate_config(raw), show_progress=False).run_dir

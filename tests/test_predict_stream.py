@@ -13,7 +13,6 @@ import torch
 from rich.console import Console
 
 from tests.conftest import make_rows, write_csv
-from tests.test_serve import build_tiny_run
 from tuneforge.cli import EXIT_BAD_INPUT, main
 from tuneforge.errors import DataError
 from tuneforge.infer.predictor import Prediction, Predictor
@@ -23,8 +22,8 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_run(tiny_model_dir, tmp_path_factory)
+def tiny_run(trained_tiny_run: Path) -> Path:
+    return trained_tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ import torch
 import uvicorn
 from fastapi.testclient import TestClient
 
-from tests.conftest import make_rows, tiny_config, write_csv
+from tests.conftest import make_rows
 from tuneforge.cli import EXIT_BAD_INPUT, main
 from tuneforge.serve.app import create_app
 from tuneforge.serve.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
@@ -39,21 +39,6 @@ LABELS = ["happy", "meh", "sad"]
 KEY = "s3cret-key-123"
 
 # --- shared helpers (also used by test_serve_browser.py and test_predict_stream.py) ---------------
-
-_TINY_RUN: dict[str, Path] = {}
-
-
-def build_tiny_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Train the tiny model once per test session (a few seconds) and share the run directory."""
-    if "run" not in _TINY_RUN:
-        from tuneforge.config import validate_config
-        from tuneforge.train.loop import train
-
-        folder = tmp_path_factory.mktemp("serve-run")
-        data = {"train": write_csv(folder / "train.csv", make_rows(90, seed=11))}
-        raw = tiny_config(tiny_model_dir, data, folder / "run", epochs=2)
-        _TINY_RUN["run"] = train(validate_config(raw), show_progress=False).run_dir
-    return _TINY_RUN["run"]
 
 
 def free_port() -> int:
@@ -160,8 +145,8 @@ def wait_ready(client: TestClient, timeout: float = 60) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_run(tiny_model_dir, tmp_path_factory)
+def tiny_run(trained_tiny_run: Path) -> Path:
+    return trained_tiny_run
 
 
 @pytest.fixture(scope="module")

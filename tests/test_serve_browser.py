@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.test_serve import KEY, LABELS, UvicornThread, build_tiny_run, settings_for
+from tests.test_serve import KEY, LABELS, UvicornThread, settings_for
 from tuneforge.serve.app import create_app
 
 torch.set_num_threads(1)
@@ -40,8 +40,8 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_run(tiny_model_dir, tmp_path_factory)
+def tiny_run(trained_tiny_run: Path) -> Path:
+    return trained_tiny_run
 
 
 @pytest.fixture(scope="module")
