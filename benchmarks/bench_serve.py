@@ -229,7 +229,7 @@ def tuneforge_server(run: Path, threads: int, args: argparse.Namespace) -> Serve
     port = free_port()
     command = [sys.executable, "-m", "tuneforge", "serve", str(run), "--host", LOOPBACK, "--port", str(port)]
     command += ["--threads", str(threads), "--log-level", "warning", "--max-batch-size", str(args.max_batch_size)]
-    command += ["--max-wait-ms", str(args.max_wait_ms)]
+    command += ["--max-wait-ms", str(args.max_wait_ms), "--workers", str(args.workers)]
     return ServerProcess("tuneforge", command, port)
 
 
@@ -377,7 +377,7 @@ def run_load(args: argparse.Namespace, serve_run: Path, texts: list[str]) -> tup
     if not args.skip_naive:
         naive_run = naive_run_for(serve_run, args.naive_run)
         print(f"load: the naive handler runs {naive_run / 'model'}", flush=True)
-        servers.append(("naive", lambda: naive_server(naive_run, args.threads)))
+        servers.append(("naive", lambda: naive_server(naive_run, args.naive_threads)))
     load_rows: list[dict] = []
     soak_rows: list[dict] = []
     for name, start in servers:
@@ -479,6 +479,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="model threads, both servers")
     parser.add_argument("--batch-size", type=int, default=32, help="batch inference: both engines")
     parser.add_argument("--max-batch-size", type=int, default=32, help="tuneforge serve --max-batch-size")
+    parser.add_argument("--workers", type=int, default=1, help="tuneforge serve --workers (each with --threads)")
+    parser.add_argument(
+        "--naive-threads", type=int, default=os.cpu_count() or 1, help="model threads of the naive handler (all cores)"
+    )
     parser.add_argument("--max-wait-ms", type=float, default=1.0, help="tuneforge serve --max-wait-ms")
     parser.add_argument("--limit", type=int, help="batch inference: first N examples only")
     parser.add_argument("--skip-naive", action="store_true")

@@ -33,13 +33,19 @@ class Predictor:
     """Classify texts with a trained run: the same cleaning and truncation as in training."""
 
     def __init__(
-        self, run_dir: Path | str, *, threads: int | None = None, batch_size: int = 64, form: str = "auto"
+        self,
+        run_dir: Path | str,
+        *,
+        threads: int | None = None,
+        batch_size: int = 64,
+        form: str = "auto",
+        spin: bool = True,
     ) -> None:
         self.run: RunDir = open_run_dir(run_dir)
         if threads:
             torch.set_num_threads(threads)
         self.labels = self.run.labels()
-        self.classifier, self.tokenizer, self.form = load_run_backend(self.run, form=form, threads=threads)
+        self.classifier, self.tokenizer, self.form = load_run_backend(self.run, form=form, threads=threads, spin=spin)
         saved = (
             yaml.safe_load(self.run.config_file.read_text(encoding="utf-8")) if self.run.config_file.exists() else {}
         )

@@ -87,9 +87,13 @@ def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
 
 
 def load_run_backend(
-    run: RunDir, *, form: str = "auto", threads: int | None = None
+    run: RunDir, *, form: str = "auto", threads: int | None = None, spin: bool = True
 ) -> tuple[Classifier, PreTrainedTokenizerBase, str]:
-    """The run's classifier behind the common :class:`Classifier` interface, its tokenizer and the form used."""
+    """The run's classifier behind the common :class:`Classifier` interface, its tokenizer and the form used.
+
+    ``spin`` (ONNX Runtime): idle worker threads busy-wait between ops — lowest latency for batch work,
+    but a server that shares the cores with its own HTTP handling does better without it.
+    """
     if form not in FORMS:
         raise RunDirError(f"form: must be one of {', '.join(FORMS)}, not {form!r}")
     variant = run.variant()
@@ -100,7 +104,8 @@ def load_run_backend(
             raise RunDirError(f"{run.path}: no ONNX model in {ONNX_DIR}/")
         from tuneforge.models.onnx_runtime import OnnxClassifier
 
-        return OnnxClassifier(run.onnx_file, threads=threads), _load_tokenizer(run.onnx_file.parent), form
+        classifier = OnnxClassifier(run.onnx_file, threads=threads, spin=spin)
+        return classifier, _load_tokenizer(run.onnx_file.parent), form
     model, tokenizer = load_run_classifier(run, prefer=form)
     if form == "model" and variant.get("quantize") == "torch-dynamic-int8":
         # int8 PyTorch weights cannot be stored as safetensors, so the variant keeps fp32 weights and

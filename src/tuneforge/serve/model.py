@@ -32,7 +32,8 @@ def load_predictor(settings: ServeSettings) -> ServableModel:
     from tuneforge.infer.predictor import Predictor
 
     # The server forms its own batches; the Predictor's batch size only caps one forward pass.
-    return Predictor(settings.run_dir, threads=settings.threads, form=settings.form, batch_size=64)
+    # No spinning: idle ONNX Runtime threads would busy-wait on the cores the event loop needs.
+    return Predictor(settings.run_dir, threads=settings.threads, form=settings.form, batch_size=64, spin=False)
 
 
 def run_version(run_dir: Path) -> str:
