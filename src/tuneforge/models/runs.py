@@ -70,12 +70,8 @@ def load_run_classifier(run: RunDir, *, prefer: str = "auto") -> tuple[torch.nn.
 
         source = resolve_model(run_base_model_name(run), trust_pickle=False)
         model = load_adapted_classifier(run.adapter_dir, source)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(Path(run.adapter_dir))
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{run.adapter_dir}: cannot load the tokenizer: {str(exc).splitlines()[0]}") from None
         model.eval()
-        return model, tokenizer
+        return model, _load_tokenizer(run.adapter_dir)
     raise RunDirError(f"{run.path}: no {'adapter' if prefer == 'adapter' else 'model'} saved in this run")
 
 
