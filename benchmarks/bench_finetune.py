@@ -172,6 +172,8 @@ def run_speed(name: str, n_subsample: int = SPEED_SUBSAMPLE) -> None:
                 # The evaluation file as validation: with one epoch and no early stopping it only scores the
                 # final model, and both trainers see exactly the same 10,000 training examples.
                 "data": {"train": str(sub_file), "validation": str(eval_path), **read},
+                # The Trainer updates every weight, so tuneforge must too for equal settings.
+                "finetune": {"freeze_embeddings": False},
                 "train": {
                     "epochs": s["epochs"],
                     "batch_size": s["batch_size"],

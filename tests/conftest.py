@@ -92,6 +92,8 @@ def tiny_config(model_dir: Path, data: dict[str, Path], out: Path, **train: obje
             "checkpoint_every_steps": 4,
             **train,
         },
+        # The tiny model's embeddings are random: unlike a pretrained model's, they must learn.
+        "finetune": {"freeze_embeddings": False},
         "output": {"dir": str(out)},
     }
 

