@@ -149,3 +149,13 @@ def test_atomic_write_leaves_the_old_file_on_failure(tmp_path: Path) -> None:
         atomic_write_with(target, failing_writer)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"], "no temporary files left behind"
+
+
+def test_the_readme_config_example_is_a_valid_config() -> None:
+    """The annotated config in the README is what newcomers copy: every key in it must still exist."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    config = validate_config(yaml.safe_load(block))
+    raw = yaml.safe_load(block)
+    assert config.train.learning_rate == raw["train"]["learning_rate"]
+    assert config.finetune.method == raw["finetune"]["method"]

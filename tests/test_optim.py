@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tuneforge.config import TrainConfig
+from tuneforge.errors import ConfigError
 from tuneforge.train.checkpoint import load_checkpoint, save_checkpoint
 from tuneforge.train.optim import (
     ONE_CYCLE_DIV_FACTOR,
@@ -180,3 +181,40 @@ def test_checkpoints_round_trip_every_optimizer(name: str, tmp_path: Path) -> No
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
     assert math.isfinite(resumed.loss().item())
+
+
+class TinyEncoder(torch.nn.Module):
+    """Parameter names shaped like BERT's: embeddings, numbered blocks, a pooler, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embeddings = torch.nn.Embedding(10, 4)
+        self.layer = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+        self.pooler = torch.nn.Linear(4, 4)
+        self.classifier = torch.nn.Linear(4, 2)
+
+
+def test_layer_lr_decay_slows_each_layer_below_the_top() -> None:
+    cfg = TrainConfig(learning_rate=1e-3, head_learning_rate=1e-2, weight_decay=0.1, layer_lr_decay=0.5)
+    model = TinyEncoder()
+    groups = parameter_groups(model, cfg, {"classifier.weight", "classifier.bias"})
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert lr_of[id(names["classifier.weight"])] == 1e-2
+    assert lr_of[id(names["pooler.weight"])] == 1e-3
+    assert [lr_of[id(names[f"layer.{i}.weight"])] for i in range(3)] == pytest.approx([2.5e-4, 5e-4, 1e-3])
+    assert lr_of[id(names["layer.0.bias"])] == lr_of[id(names["layer.0.weight"])]
+    assert lr_of[id(names["embeddings.weight"])] == pytest.approx(1.25e-4)
+    assert all(g["initial_lr"] == g["lr"] for g in groups)
+    assert sum(len(g["params"]) for g in groups) == len(names)
+    # Biases and LayerNorms still skip weight decay, whatever their depth.
+    assert {g["weight_decay"] for g in groups if all(p.ndim == 1 for p in g["params"])} == {0.0}
+
+    flat = parameter_groups(model, cfg.model_copy(update={"layer_lr_decay": 1.0}), set())
+    assert {g["lr"] for g in flat} == {1e-3}
+
+
+def test_layer_lr_decay_needs_numbered_layers() -> None:
+    cfg = TrainConfig(learning_rate=1e-3, layer_lr_decay=0.8)
+    with pytest.raises(ConfigError, match=r"train\.layer_lr_decay"):
+        parameter_groups(Quadratic(), cfg, set())

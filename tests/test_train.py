@@ -17,6 +17,7 @@ from transformers import AutoModelForSequenceClassification
 
 from tests.conftest import tiny_config
 from tuneforge.config import validate_config
+from tuneforge.errors import ConfigError
 from tuneforge.train.loop import KILL_AT_STEP_ENV, auto_epochs, train
 
 
@@ -164,3 +165,27 @@ def test_freeze_embeddings_keeps_the_word_embeddings_and_trains_the_rest(
     vocabulary = base.get_input_embeddings().weight.numel()
     trainable, total = result.metrics["train"]["trainable_parameters"], result.metrics["train"]["total_parameters"]
     assert total - trainable == (vocabulary if freeze else 0)
+
+
+def test_freeze_layers_keeps_the_embeddings_and_the_lowest_blocks(
+    tiny_model_dir: Path, tiny_data: dict, tmp_path: Path
+) -> None:
+    raw = tiny_config(tiny_model_dir, tiny_data, tmp_path / "run", epochs=1, early_stopping_patience=None)
+    raw["finetune"] = {"freeze_embeddings": False, "freeze_layers": 1}
+    result = train(validate_config(raw), show_progress=False)
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+    tuned = AutoModelForSequenceClassification.from_pretrained(result.run_dir / "model")
+    base_params, tuned_params = dict(base.named_parameters()), dict(tuned.named_parameters())
+    kept = {name for name, value in tuned_params.items() if torch.equal(value, base_params[name])}
+    assert kept == {name for name in tuned_params if "embeddings" in name or ".layer.0." in name}
+    trainable, total = result.metrics["train"]["trainable_parameters"], result.metrics["train"]["total_parameters"]
+    assert total - trainable == sum(base_params[name].numel() for name in kept)
+
+
+def test_freeze_layers_must_leave_a_block_to_train(tiny_model_dir: Path, tiny_data: dict, tmp_path: Path) -> None:
+    raw = tiny_config(tiny_model_dir, tiny_data, tmp_path / "run", epochs=1)
+    raw["finetune"] = {"freeze_embeddings": False, "freeze_layers": 2}
+    with pytest.raises(ConfigError, match=r"finetune\.freeze_layers: 2 would freeze every block.*at most 1"):
+        train(validate_config(raw), show_progress=False)
+    assert not (tmp_path / "run").exists()

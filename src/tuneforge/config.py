@@ -91,6 +91,13 @@ class TrainConfig(_Section):
     head_learning_rate: float | None = Field(
         2e-3, gt=0.0, le=1.0, description="Classifier head's learning rate; None uses learning_rate."
     )
+    layer_lr_decay: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Each layer below the top learns this many times as fast as the one above (the "
+        "embeddings lowest); 1.0 is one lr for the whole body. None: the method's default (1.0).",
+    )
     weight_decay: float = Field(0.01, ge=0.0)
     optimizer: Literal["adamw", "adafactor", "sgd"] = "adamw"
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (one_cycle cycles it).")
@@ -189,6 +196,12 @@ class FinetuneConfig(_Section):
         description="Keep the word-embedding matrix fixed (full fine-tuning): faster steps, and words unseen "
         "in training keep their pretrained neighbours (SST-2 dev +1.0 with this default).",
     )
+    freeze_layers: int = Field(
+        0,
+        ge=0,
+        description="full: also keep the whole embedding layer and this many transformer blocks nearest "
+        "the input fixed; backpropagation stops above them, so steps are faster.",
+    )
     merge: bool = Field(
         False, description="Also write the adapter merged into the base model as model/ (lora, adalora, ia3)."
     )
@@ -221,6 +234,8 @@ class OutputConfig(_Section):
 # under-trains a 6-layer model); freshly initialised add-ons with few parameters want 10x or more.
 DEFAULT_LEARNING_RATES = {"full": 1e-4, "lora": 1e-3, "adalora": 1e-3, "adapter": 1e-3, "ia3": 3e-3, "prefix": 1e-2}
 
+DEFAULT_LAYER_LR_DECAY = {"full": 1.0, "lora": 1.0, "adalora": 1.0, "adapter": 1.0, "ia3": 1.0, "prefix": 1.0}
+
 
 class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -234,6 +249,8 @@ class RunConfig(_Section):
     def _resolve_defaults(self) -> RunConfig:
         if self.train.learning_rate is None:
             self.train.learning_rate = DEFAULT_LEARNING_RATES[self.finetune.method]
+        if self.train.layer_lr_decay is None:
+            self.train.layer_lr_decay = DEFAULT_LAYER_LR_DECAY[self.finetune.method]
         return self
 
     def to_yaml(self) -> str:

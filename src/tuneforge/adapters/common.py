@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from tuneforge.errors import ConfigError
@@ -10,6 +12,10 @@ from tuneforge.errors import ConfigError
 # train (and be saved) with any adapter: BERT/RoBERTa/ELECTRA "classifier", DistilBERT's extra
 # "pre_classifier", DeBERTa's fresh "pooler". BERT's own pooler lives inside `bert.` and is pretrained.
 HEAD_MODULE_NAMES = ("pre_classifier", "pooler", "classifier", "score")
+
+# Numbered transformer blocks in the parameter names of encoder classifiers: BERT/RoBERTa/ELECTRA/DeBERTa
+# "encoder.layer.3.", DistilBERT "transformer.layer.3.", and the same under a peft wrapper.
+_BLOCK_INDEX = re.compile(r"\.layers?\.(\d+)\.")
 
 # Written next to the adapter weights: what the adapter is and what it needs to be rebuilt.
 METADATA_FILE = "tuneforge_adapter.json"
@@ -25,6 +31,30 @@ def head_module_names(model: torch.nn.Module) -> list[str]:
             "AutoModelForSequenceClassification model"
         )
     return names
+
+
+def block_index(parameter_name: str) -> int | None:
+    """Which transformer block (0 = nearest the input) a parameter belongs to; None outside the blocks."""
+    match = _BLOCK_INDEX.search("." + parameter_name)
+    return int(match.group(1)) if match else None
+
+
+def freeze_lower_layers(model: torch.nn.Module, count: int) -> None:
+    """Fix the embeddings and the ``count`` blocks nearest the input (``finetune.freeze_layers``).
+
+    With nothing trainable below them, backpropagation stops at the first trainable block: the frozen
+    blocks cost a forward pass only.
+    """
+    blocks = {index for name, _ in model.named_parameters() if (index := block_index(name)) is not None}
+    if count >= len(blocks):
+        raise ConfigError(
+            f"finetune.freeze_layers: {count} would freeze every block; {type(model).__name__} has "
+            f"{len(blocks)} numbered layers, so at most {max(len(blocks) - 1, 0)}"
+        )
+    for name, param in model.named_parameters():
+        index = block_index(name)
+        if "embeddings" in name or (index is not None and index < count):
+            param.requires_grad_(False)
 
 
 def matches_suffix(module_name: str, suffix: str) -> bool:

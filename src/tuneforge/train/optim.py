@@ -18,7 +18,9 @@ import math
 
 import torch
 
+from tuneforge.adapters import block_index
 from tuneforge.config import TrainConfig
+from tuneforge.errors import ConfigError
 
 # Smith's one-cycle (Smith & Topin 2017, "Super-Convergence"), with PyTorch's / fastai's constants:
 # the lr starts at max/25, and ends at max/(25 * 1e4), i.e. practically 0.
@@ -29,32 +31,56 @@ ONE_CYCLE_MAX_MOMENTUM = 0.95
 ONE_CYCLE_BASE_MOMENTUM = 0.85
 
 
+def layer_lr_factors(names: list[str], decay: float) -> dict[str, float]:
+    """Layer-wise lr decay: each parameter's multiple of the body lr, by how deep in the network it sits.
+
+    The top block (and whatever sits above it in the body, e.g. BERT's pooler) learns at the full rate;
+    each block below learns ``decay`` times as fast as the one above, the embeddings one step further
+    down (Howard & Ruder 2018; Clark et al. 2020). Lower layers hold the general language knowledge a
+    small model cannot afford to forget; upper layers need to move most for the task.
+    """
+    if decay == 1.0:
+        return dict.fromkeys(names, 1.0)
+    blocks = {name: index for name in names if (index := block_index(name)) is not None}
+    if not blocks:
+        raise ConfigError(
+            f"train.layer_lr_decay: {decay} needs numbered layers ('.layer.N.') in the model's parameter "
+            "names and found none; set it to 1.0 for this model"
+        )
+    top = max(blocks.values())
+    factors = {}
+    for name in names:
+        if name in blocks:
+            depth = top - blocks[name]
+        elif "embeddings" in name:
+            depth = top + 1
+        else:
+            depth = 0
+        factors[name] = decay**depth
+    return factors
+
+
 def parameter_groups(model: torch.nn.Module, cfg: TrainConfig, head_parameters: set[str]) -> list[dict[str, object]]:
     """Optimizer groups: no weight decay on biases and LayerNorm (1-D tensors); the fresh head may use its own lr.
 
     Decaying LayerNorm gains towards zero or biases towards the origin only hurts; the usual BERT recipe
     exempts them. The head starts from random weights, so small encoders converge much faster when it
-    learns faster than the pretrained body. ``initial_lr`` is each group's peak lr, which the schedule
-    scales.
+    learns faster than the pretrained body; the body's lr may also fall layer by layer towards the input
+    (``cfg.layer_lr_decay``, see :func:`layer_lr_factors`). ``initial_lr`` is each group's peak lr,
+    which the schedule scales.
     """
     head_lr = cfg.head_learning_rate or cfg.learning_rate
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        key = (name in head_parameters, param.ndim >= 2)
-        groups.setdefault(key, []).append(param)
-    result = []
-    for (is_head, decays), params in sorted(groups.items()):
-        result.append(
-            {
-                "params": params,
-                "lr": head_lr if is_head else cfg.learning_rate,
-                "initial_lr": head_lr if is_head else cfg.learning_rate,
-                "weight_decay": cfg.weight_decay if decays else 0.0,
-            }
-        )
-    return result
+    trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    body_names = [name for name, _ in trainable if name not in head_parameters]
+    factors = layer_lr_factors(body_names, cfg.layer_lr_decay if cfg.layer_lr_decay is not None else 1.0)
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for name, param in trainable:
+        lr = head_lr if name in head_parameters else cfg.learning_rate * factors[name]
+        groups.setdefault((lr, param.ndim >= 2), []).append(param)
+    return [
+        {"params": params, "lr": lr, "initial_lr": lr, "weight_decay": cfg.weight_decay if decays else 0.0}
+        for (lr, decays), params in sorted(groups.items())
+    ]
 
 
 def build_optimizer(groups: list[dict[str, object]], cfg: TrainConfig) -> torch.optim.Optimizer:

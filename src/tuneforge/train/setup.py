@@ -25,6 +25,8 @@ def trainable_model(
     adapters.check_target_modules(model, cfg.finetune)
     if cfg.finetune.method == "full" and cfg.finetune.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
+    if cfg.finetune.method == "full" and cfg.finetune.freeze_layers:
+        adapters.freeze_lower_layers(model, cfg.finetune.freeze_layers)
     model = adapters.apply_method(model, cfg.finetune, total_steps=total_steps)
     optimizer = build_optimizer(parameter_groups(model, cfg.train, adapters.head_parameter_names(model)), cfg.train)
     return model, optimizer
