@@ -42,6 +42,8 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
         (["finetune.adalora.target_r=32"], "finetune.adalora: target_r (32) must not exceed r (12)"),
         (["train.min_auto_epochs=30"], "train: min_auto_epochs (30) must not exceed max_auto_epochs (20)"),
         (["finetune.method=adapter", "finetune.merge=true"], "finetune: merge: only lora, adalora and ia3"),
+        (["finetune.method=lora", "finetune.freeze_layers=2"], "finetune: freeze_layers: only for method full;"),
+        (["train.layer_lr_decay=1.5"], "train.layer_lr_decay: Input should be less than or equal to 1"),
         (["finetune.adapter.bottleneck=0"], "finetune.adapter.bottleneck: Input should be greater than or equal to 1"),
         (["train.adversarial.method=fgsm"], "train.adversarial.method: Input should be 'none', 'fgm' or 'pgd'"),
         (["train.batch_size=0"], "train.batch_size: Input should be greater than or equal to 1"),

@@ -91,12 +91,12 @@ class TrainConfig(_Section):
     head_learning_rate: float | None = Field(
         2e-3, gt=0.0, le=1.0, description="Classifier head's learning rate; None uses learning_rate."
     )
-    layer_lr_decay: float | None = Field(
-        None,
+    layer_lr_decay: float = Field(
+        1.0,
         gt=0.0,
         le=1.0,
         description="Each layer below the top learns this many times as fast as the one above (the "
-        "embeddings lowest); 1.0 is one lr for the whole body. None: the method's default (1.0).",
+        "embeddings lowest); 1.0: one lr for the whole body.",
     )
     weight_decay: float = Field(0.01, ge=0.0)
     optimizer: Literal["adamw", "adafactor", "sgd"] = "adamw"
@@ -212,9 +212,11 @@ class FinetuneConfig(_Section):
     prefix: PrefixOptions = Field(default_factory=PrefixOptions)
 
     @model_validator(mode="after")
-    def _merge_possible(self) -> FinetuneConfig:
+    def _options_fit_the_method(self) -> FinetuneConfig:
         if self.merge and self.method not in ("lora", "adalora", "ia3"):
             raise ValueError(f"merge: only lora, adalora and ia3 can be merged into the base model, not {self.method}")
+        if self.freeze_layers and self.method != "full":
+            raise ValueError(f"freeze_layers: only for method full; {self.method} keeps the base model fixed already")
         return self
 
 
@@ -234,8 +236,6 @@ class OutputConfig(_Section):
 # under-trains a 6-layer model); freshly initialised add-ons with few parameters want 10x or more.
 DEFAULT_LEARNING_RATES = {"full": 1e-4, "lora": 1e-3, "adalora": 1e-3, "adapter": 1e-3, "ia3": 3e-3, "prefix": 1e-2}
 
-DEFAULT_LAYER_LR_DECAY = {"full": 1.0, "lora": 1.0, "adalora": 1.0, "adapter": 1.0, "ia3": 1.0, "prefix": 1.0}
-
 
 class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -249,8 +249,6 @@ class RunConfig(_Section):
     def _resolve_defaults(self) -> RunConfig:
         if self.train.learning_rate is None:
             self.train.learning_rate = DEFAULT_LEARNING_RATES[self.finetune.method]
-        if self.train.layer_lr_decay is None:
-            self.train.layer_lr_decay = DEFAULT_LAYER_LR_DECAY[self.finetune.method]
         return self
 
     def to_yaml(self) -> str:

@@ -72,7 +72,7 @@ def parameter_groups(model: torch.nn.Module, cfg: TrainConfig, head_parameters: 
     head_lr = cfg.head_learning_rate or cfg.learning_rate
     trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
     body_names = [name for name, _ in trainable if name not in head_parameters]
-    factors = layer_lr_factors(body_names, cfg.layer_lr_decay if cfg.layer_lr_decay is not None else 1.0)
+    factors = layer_lr_factors(body_names, cfg.layer_lr_decay)
     groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, param in trainable:
         lr = head_lr if name in head_parameters else cfg.learning_rate * factors[name]
