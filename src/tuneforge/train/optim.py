@@ -73,13 +73,15 @@ def parameter_groups(model: torch.nn.Module, cfg: TrainConfig, head_parameters: 
     trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
     body_names = [name for name, _ in trainable if name not in head_parameters]
     factors = layer_lr_factors(body_names, cfg.layer_lr_decay)
-    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    # Keyed (is_head, lr, decays): a stable group order (body before head) that checkpoints rely on.
+    groups: dict[tuple[bool, float, bool], list[torch.nn.Parameter]] = {}
     for name, param in trainable:
-        lr = head_lr if name in head_parameters else cfg.learning_rate * factors[name]
-        groups.setdefault((lr, param.ndim >= 2), []).append(param)
+        is_head = name in head_parameters
+        lr = head_lr if is_head else cfg.learning_rate * factors[name]
+        groups.setdefault((is_head, lr, param.ndim >= 2), []).append(param)
     return [
         {"params": params, "lr": lr, "initial_lr": lr, "weight_decay": cfg.weight_decay if decays else 0.0}
-        for (lr, decays), params in sorted(groups.items())
+        for (_, lr, decays), params in sorted(groups.items())
     ]
 
 
