@@ -44,6 +44,8 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
         (["finetune.method=adapter", "finetune.merge=true"], "finetune: merge: only lora, adalora and ia3"),
         (["finetune.method=lora", "finetune.freeze_layers=2"], "finetune: freeze_layers: only for method full;"),
         (["train.layer_lr_decay=1.5"], "train.layer_lr_decay: Input should be less than or equal to 1"),
+        (["train.ema_decay=1.0"], "train.ema_decay: Input should be less than 1"),
+        (["finetune.method=adalora", "train.ema_decay=0.999"], "train.ema_decay: not with finetune.method adalora"),
         (["finetune.adapter.bottleneck=0"], "finetune.adapter.bottleneck: Input should be greater than or equal to 1"),
         (["train.adversarial.method=fgsm"], "train.adversarial.method: Input should be 'none', 'fgm' or 'pgd'"),
         (["train.batch_size=0"], "train.batch_size: Input should be greater than or equal to 1"),

@@ -176,7 +176,7 @@ def test_checkpoints_round_trip_every_optimizer(name: str, tmp_path: Path) -> No
     train_steps(first, first_opt, range(3))
     save_checkpoint(tmp_path / "ckpt", first, first_opt, {"step": 3})
     resumed, resumed_opt = build()
-    assert load_checkpoint(tmp_path / "ckpt", resumed, resumed_opt)[0] == {"step": 3}
+    assert load_checkpoint(tmp_path / "ckpt", resumed, resumed_opt).loop_state == {"step": 3}
     train_steps(resumed, resumed_opt, range(3, 6))
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)

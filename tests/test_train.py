@@ -84,13 +84,14 @@ def _run_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.C
     )
 
 
+@pytest.mark.parametrize("ema_decay", [None, 0.8], ids=["live-weights", "weight-average"])
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(
-    tiny_model_dir: Path, tiny_data: dict, tmp_path: Path
+    tiny_model_dir: Path, tiny_data: dict, tmp_path: Path, ema_decay: float | None
 ) -> None:
     # 120 training rows, batch 16: 8 steps per epoch; checkpoint every 4; the kill lands mid-epoch 2.
     configs = {}
     for name in ("straight", "killed"):
-        raw = tiny_config(tiny_model_dir, tiny_data, tmp_path / name)
+        raw = tiny_config(tiny_model_dir, tiny_data, tmp_path / name, ema_decay=ema_decay)
         raw["model"]["hidden_dropout"] = 0.2  # dropout makes the RNG state matter
         configs[name] = tmp_path / f"{name}.yaml"
         configs[name].write_text(yaml.safe_dump(raw))
@@ -189,3 +190,25 @@ def test_freeze_layers_must_leave_a_block_to_train(tiny_model_dir: Path, tiny_da
     with pytest.raises(ConfigError, match=r"finetune\.freeze_layers: 2 would freeze every block.*at most 1"):
         train(validate_config(raw), show_progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_weight_average_is_what_is_kept_and_leaves_training_alone(
+    tiny_model_dir: Path, tiny_data: dict, tmp_path: Path
+) -> None:
+    # One epoch, one evaluation at its end: without an average the kept model is the last live weights.
+    runs = {}
+    for name, decay in (("live", None), ("average", 0.9)):
+        raw = tiny_config(tiny_model_dir, tiny_data, tmp_path / name, epochs=1, ema_decay=decay)
+        runs[name] = train(validate_config(raw), show_progress=False).run_dir
+
+    def losses(run: Path) -> list[float]:
+        return [r["loss"] for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
+
+    def weights(run: Path) -> dict[str, torch.Tensor]:
+        return load_file(run / "model" / "model.safetensors")
+
+    assert losses(runs["live"]) == losses(runs["average"]), "the average must not change what training sees"
+    live, average = weights(runs["live"]), weights(runs["average"])
+    assert live.keys() == average.keys()
+    differing = {name for name in live if not torch.equal(live[name], average[name])}
+    assert "classifier.weight" in differing and any(".layer.1." in name for name in differing)

@@ -111,6 +111,13 @@ class TrainConfig(_Section):
         0.0, ge=0.0, description="R-Drop: weight of the KL between two dropout passes; 0 disables."
     )
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
+    ema_decay: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="Evaluate and save an exponential moving average of the trainable weights with this "
+        "decay per step (0.999 averages over the last ~1000 steps); None: the live weights.",
+    )
     early_stopping_patience: int | None = Field(
         3, ge=1, description="Evaluations without improvement before stopping; None disables."
     )
@@ -249,6 +256,10 @@ class RunConfig(_Section):
     def _resolve_defaults(self) -> RunConfig:
         if self.train.learning_rate is None:
             self.train.learning_rate = DEFAULT_LEARNING_RATES[self.finetune.method]
+        if self.train.ema_decay is not None and self.finetune.method == "adalora":
+            raise ValueError(
+                "train.ema_decay: not with finetune.method adalora, whose rank pruning edits the weights in place"
+            )
         return self
 
     def to_yaml(self) -> str:

@@ -8,6 +8,7 @@ and swapped in, so a SIGKILL during the write leaves the previous checkpoint int
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ WEIGHTS = "model.safetensors"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 STATE = "state.json"
 METHOD_PREFIX = "__method__."
+AVERAGE_PREFIX = "__average__."
 
 
 def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -54,14 +56,17 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     loop_state: dict[str, Any],
     method_state: dict[str, torch.Tensor] | None = None,
+    weight_average: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """``method_state``: tensors a fine-tuning method keeps outside its weights (AdaLoRA's importance scores)."""
+    """``method_state``: tensors a fine-tuning method keeps outside its weights (AdaLoRA's importance scores);
+    ``weight_average``: the EMA of the trainable weights, when the run keeps one."""
 
     def write(staging: Path) -> None:
         save_model(model, str(staging / WEIGHTS))
         tensors, meta = _split_optimizer_state(optimizer.state_dict())
         tensors["__rng_torch__"] = torch.get_rng_state()
         tensors.update({METHOD_PREFIX + key: value.contiguous() for key, value in (method_state or {}).items()})
+        tensors.update({AVERAGE_PREFIX + key: value.contiguous() for key, value in (weight_average or {}).items()})
         save_file(tensors, str(staging / OPTIMIZER_TENSORS))
         state = {"loop": loop_state, "optimizer": meta}
         (staging / STATE).write_text(json.dumps(state), encoding="utf-8")
@@ -76,10 +81,19 @@ def has_checkpoint(folder: Path) -> bool:
     return False
 
 
-def load_checkpoint(
-    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Restore weights, optimizer and RNG in place; return the saved loop state and the method's state."""
+@dataclass
+class Checkpoint:
+    loop_state: dict[str, Any]
+    method_state: dict[str, torch.Tensor]
+    weight_average: dict[str, torch.Tensor]
+
+
+def _pop_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key[len(prefix) :]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
+
+
+def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Checkpoint:
+    """Restore weights, optimizer and RNG in place; return what else the run kept (see ``save_checkpoint``)."""
     if not (folder / STATE).is_file():
         # A crash between the two renames of atomic_replace_dir leaves the last good copy at .old.
         folder = folder.with_name(folder.name + ".old")
@@ -89,9 +103,8 @@ def load_checkpoint(
     load_model(model, str(folder / WEIGHTS), strict=True)
     tensors = load_file(str(folder / OPTIMIZER_TENSORS))
     rng = tensors.pop("__rng_torch__")
-    method_state = {
-        key[len(METHOD_PREFIX) :]: tensors.pop(key) for key in list(tensors) if key.startswith(METHOD_PREFIX)
-    }
+    method_state = _pop_prefixed(tensors, METHOD_PREFIX)
+    weight_average = _pop_prefixed(tensors, AVERAGE_PREFIX)
     optimizer.load_state_dict(_join_optimizer_state(tensors, state["optimizer"]))
     torch.set_rng_state(rng)
-    return state["loop"], method_state
+    return Checkpoint(state["loop"], method_state, weight_average)

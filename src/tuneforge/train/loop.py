@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from tuneforge.models.runs import load_run_classifier
 from tuneforge.rundir import RunDir
 from tuneforge.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from tuneforge.train.distill import teacher_targets
+from tuneforge.train.ema import WeightAverage
 from tuneforge.train.optim import apply_schedule
 from tuneforge.train.regularize import Teacher, regularized_backward
 from tuneforge.train.setup import trainable_model
@@ -168,6 +170,7 @@ def train(
     torch.manual_seed(tcfg.seed)
     model, optimizer = trainable_model(cfg, label_names, total_steps=total_steps)
     trainable, total = adapters.trainable_parameter_count(model)
+    average = WeightAverage(model, tcfg.ema_decay) if tcfg.ema_decay is not None else None
     # Distillation: the fixed teacher's logits on every training text, computed once.
     soft_targets = teacher_targets(cfg.distill, data.train.texts, label_names) if cfg.distill.teacher else None
     console.print(format_audit(data.audit))
@@ -202,8 +205,11 @@ def train(
         "history": [],
     }
     if resume:
-        state, method_state = load_checkpoint(run.checkpoint_dir, model, optimizer)
-        adapters.load_training_state(model, method_state)
+        saved = load_checkpoint(run.checkpoint_dir, model, optimizer)
+        state = saved.loop_state
+        adapters.load_training_state(model, saved.method_state)
+        if average is not None:
+            average.load_state_dict(saved.weight_average)
         _truncate_log(run, state["step"])
         console.print(f"resuming {run.path} at step {state['step']}/{total_steps} (epoch {state['epoch'] + 1})")
     console.print(
@@ -213,14 +219,16 @@ def train(
     )
 
     def evaluate_and_track() -> None:
-        metrics = _evaluate(model, val_ids, val_y, label_names, pad_id, tcfg.eval_batch_size)
-        score = metrics[tcfg.metric]
-        improved = state["best"] is None or score > state["best"]
-        if improved:
-            state.update(best=score, best_step=state["step"], bad_evals=0)
-            _save_model(run, cfg, model, tokenizer, label_names)
-        else:
-            state["bad_evals"] += 1
+        # With a weight average, it is the average that is judged and kept; training goes on from the live weights.
+        with average.applied() if average is not None else nullcontext():
+            metrics = _evaluate(model, val_ids, val_y, label_names, pad_id, tcfg.eval_batch_size)
+            score = metrics[tcfg.metric]
+            improved = state["best"] is None or score > state["best"]
+            if improved:
+                state.update(best=score, best_step=state["step"], bad_evals=0)
+                _save_model(run, cfg, model, tokenizer, label_names)
+            else:
+                state["bad_evals"] += 1
         record = {
             "step": state["step"],
             "epoch": state["epoch"],
@@ -239,6 +247,10 @@ def train(
         if patience is not None and state["bad_evals"] >= patience:
             state["done"] = True
             progress.console.print(f"early stopping: no improvement in {patience} evaluations")
+
+    def checkpoint() -> None:
+        weight_average = average.state_dict() if average is not None else None
+        save_checkpoint(run.checkpoint_dir, model, optimizer, state, adapters.training_state(model), weight_average)
 
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0") or 0)
     model.train()
@@ -276,6 +288,8 @@ def train(
                 optimizer.step()
                 adapters.after_backward(model, state["step"])
                 optimizer.zero_grad(set_to_none=True)
+                if average is not None:
+                    average.update(state["step"])
 
                 state["step"] += 1
                 state["batch"] += len(group)
@@ -303,7 +317,7 @@ def train(
                 if evaluated:
                     evaluate_and_track()
                 if evaluated or state["step"] % tcfg.checkpoint_every_steps == 0:
-                    save_checkpoint(run.checkpoint_dir, model, optimizer, state, adapters.training_state(model))
+                    checkpoint()
                 if kill_at and state["step"] == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
             if not state["done"]:
@@ -311,7 +325,7 @@ def train(
                 state["batch"] = 0
                 if not tcfg.eval_every_steps:
                     evaluate_and_track()
-                save_checkpoint(run.checkpoint_dir, model, optimizer, state, adapters.training_state(model))
+                checkpoint()
 
     if cfg.finetune.merge:
         _write_merged_model(run, tokenizer)
