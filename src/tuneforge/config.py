@@ -256,6 +256,10 @@ class RunConfig(_Section):
     def _resolve_defaults(self) -> RunConfig:
         if self.train.learning_rate is None:
             self.train.learning_rate = DEFAULT_LEARNING_RATES[self.finetune.method]
+        return self
+
+    @model_validator(mode="after")
+    def _training_fits_the_method(self) -> RunConfig:
         if self.train.ema_decay is not None and self.finetune.method == "adalora":
             raise ValueError(
                 "train.ema_decay: not with finetune.method adalora, whose rank pruning edits the weights in place"

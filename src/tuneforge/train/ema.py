@@ -24,8 +24,9 @@ class WeightAverage:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay must be in (0, 1), got {decay}")
         self.decay = decay
-        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
-        self._params = [p for p in model.parameters() if p.requires_grad]
+        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.names = [name for name, _ in trainable]
+        self._params = [p for _, p in trainable]
         self.shadow = [p.detach().clone() for p in self._params]
 
     def decay_at(self, step: int) -> float:
@@ -35,7 +36,7 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Fold in the weights after optimizer step ``step`` (0-based)."""
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self._params], 1.0 - self.decay_at(step))
+        torch._foreach_lerp_(self.shadow, self._params, 1.0 - self.decay_at(step))
 
     @contextmanager
     def applied(self) -> Iterator[None]:
