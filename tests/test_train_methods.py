@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -170,6 +171,49 @@ def test_distillation_trains_a_student_from_a_teacher_run(
     a = load_file(tmp_path / "student-0.0" / "model" / "model.safetensors")
     b = load_file(tmp_path / "student-1.0" / "model" / "model.safetensors")
     assert any(not torch.equal(a[k], b[k]) for k in a), "learning from the teacher's soft targets changes training"
+
+
+def test_resumed_distillation_reuses_the_kept_teacher_logits(
+    tiny_model_dir: Path, tiny_data: dict, tmp_path: Path
+) -> None:
+    teacher_dir = tmp_path / "teacher"
+    train(validate_config(tiny_config(tiny_model_dir, tiny_data, teacher_dir, epochs=1)), show_progress=False)
+    configs = {}
+    for name in ("straight", "killed"):
+        raw = tiny_config(tiny_model_dir, tiny_data, tmp_path / name, epochs=3)
+        raw["distill"] = {"teacher": str(teacher_dir), "alpha": 0.7}
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump(raw))
+    assert _run_cli(["train", str(configs["straight"]), "--no-progress"]).returncode == 0
+    killed = _run_cli(["train", str(configs["killed"]), "--no-progress"], env={KILL_AT_STEP_ENV: "11"})
+    assert killed.returncode == -signal.SIGKILL
+    assert RunDir(tmp_path / "killed").teacher_logits_file.is_file()
+
+    # Without the teacher's weights the resumed run can only have used the kept logits.
+    shutil.rmtree(teacher_dir / "model")
+    resumed = _run_cli(["train", str(configs["killed"]), "--resume", "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "reusing the teacher's logits" in resumed.stderr
+    a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "killed" / "checkpoints").exists(), "the kept logits go with the checkpoint"
+
+
+def test_kept_teacher_logits_are_used_only_for_the_same_teacher_and_texts(tmp_path: Path) -> None:
+    from tuneforge.config import DistillConfig
+    from tuneforge.train.distill import load_teacher_logits, save_teacher_logits
+
+    path = tmp_path / "checkpoints" / "teacher_logits.safetensors"
+    texts, logits = ["good", "bad", "fine"], torch.randn(3, 2)
+    cfg = DistillConfig(teacher=tmp_path / "teacher")
+    save_teacher_logits(path, logits, cfg, texts)
+    assert torch.equal(load_teacher_logits(path, cfg, texts), logits)
+    assert load_teacher_logits(path, cfg, ["good", "bad", "fine!"]) is None
+    assert load_teacher_logits(path, DistillConfig(teacher=tmp_path / "other"), texts) is None
+    assert load_teacher_logits(tmp_path / "missing.safetensors", cfg, texts) is None
+    path.write_bytes(b"not a safetensors file")
+    assert load_teacher_logits(path, cfg, texts) is None
 
 
 def test_teacher_with_other_labels_is_refused(tiny_model_dir: Path, tiny_data: dict, tmp_path: Path) -> None:

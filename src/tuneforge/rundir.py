@@ -16,6 +16,9 @@
       train_log.jsonl      one JSON object per logged step and evaluation
       confusion_matrix.png
       checkpoints/last/    resume state (weights, optimizer, RNG, position); removed after success
+      checkpoints/teacher_logits.safetensors
+                           distillation only: the teacher's logits on the training texts, for a
+                           resumed run; removed after success
 
 Later stages read a run through this module only, never through training code.
 """
@@ -41,6 +44,7 @@ METRICS_FILE = "metrics.json"
 TRAIN_LOG_FILE = "train_log.jsonl"
 CONFUSION_PNG = "confusion_matrix.png"
 CHECKPOINT_DIR = "checkpoints/last"
+TEACHER_LOGITS_FILE = "checkpoints/teacher_logits.safetensors"
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,10 @@ class RunDir:
     @property
     def checkpoint_dir(self) -> Path:
         return self.path / CHECKPOINT_DIR
+
+    @property
+    def teacher_logits_file(self) -> Path:
+        return self.path / TEACHER_LOGITS_FILE
 
     def labels(self) -> list[str]:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -88,9 +89,17 @@ def load_classifier(model_dir: Path) -> tuple[torch.nn.Module, PreTrainedTokeniz
 
 @torch.inference_mode()
 def predict_logits(
-    model: torch.nn.Module, encoded: list[list[int]], *, pad_id: int, batch_size: int = 128
+    model: torch.nn.Module,
+    encoded: list[list[int]],
+    *,
+    pad_id: int,
+    batch_size: int = 128,
+    on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Logits for pre-tokenised texts, in input order; batches are length-sorted so padding is minimal."""
+    """Logits for pre-tokenised texts, in input order; batches are length-sorted so padding is minimal.
+
+    ``on_batch`` is called with the number of texts in each finished batch (for a progress bar).
+    """
     was_training = model.training
     model.eval()
     num_labels = model.config.num_labels
@@ -100,6 +109,8 @@ def predict_logits(
         indices = order[start : start + batch_size]
         batch = collate([encoded[i] for i in indices], pad_id)
         logits[indices] = model(**batch).logits.float().numpy()
+        if on_batch is not None:
+            on_batch(len(indices))
     model.train(was_training)
     return logits
 

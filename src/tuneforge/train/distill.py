@@ -2,18 +2,27 @@
 
 The teacher is fixed, so its logits on the training set are computed once, before training, with the
 teacher's own tokenizer and max length (it may differ from the student's), and looked up by example
-index in every batch.
+index in every batch. That pass can take as long as the training itself (a 12-layer teacher over
+64k texts: ~30 min on 2 cores), so the logits are kept beside the run's checkpoint and a resumed run
+reuses them.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 import yaml
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from tuneforge.config import DistillConfig
 from tuneforge.data.batching import encode_texts
 from tuneforge.errors import ConfigError, TuneforgeError
+from tuneforge.files import atomic_write_with
 from tuneforge.models.loading import predict_logits
 from tuneforge.models.runs import load_run_classifier
 from tuneforge.rundir import open_run_dir
@@ -54,8 +63,18 @@ def distillation_loss(
     return loss
 
 
-def teacher_targets(cfg: DistillConfig, texts: list[str], labels: list[str], *, batch_size: int = 128) -> torch.Tensor:
-    """The teacher run's logits ``[len(texts), len(labels)]`` on the training texts, in input order."""
+def teacher_targets(
+    cfg: DistillConfig,
+    texts: list[str],
+    labels: list[str],
+    *,
+    batch_size: int = 128,
+    on_batch: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """The teacher run's logits ``[len(texts), len(labels)]`` on the training texts, in input order.
+
+    ``on_batch`` is called with the number of texts in each finished batch (for a progress bar).
+    """
     if cfg.teacher is None:
         raise ConfigError("distill.teacher: no teacher run directory given")
     try:
@@ -72,5 +91,34 @@ def teacher_targets(cfg: DistillConfig, texts: list[str], labels: list[str], *, 
     saved = yaml.safe_load(run.config_file.read_text(encoding="utf-8")) if run.config_file.exists() else {}
     max_length = int(((saved or {}).get("model") or {}).get("max_length", 128))
     encoded = encode_texts(tokenizer, texts, max_length)
-    logits = predict_logits(model, encoded, pad_id=tokenizer.pad_token_id or 0, batch_size=batch_size)
+    logits = predict_logits(
+        model, encoded, pad_id=tokenizer.pad_token_id or 0, batch_size=batch_size, on_batch=on_batch
+    )
     return torch.from_numpy(logits)
+
+
+def _fingerprint(cfg: DistillConfig, texts: list[str]) -> str:
+    """Which teacher scored which texts: cached logits are reused only for exactly these."""
+    digest = hashlib.sha256(str(Path(cfg.teacher or "").resolve()).encode("utf-8"))
+    for text in texts:
+        digest.update(b"\0" + text.encode("utf-8"))
+    return digest.hexdigest()
+
+
+def save_teacher_logits(path: Path, logits: torch.Tensor, cfg: DistillConfig, texts: list[str]) -> None:
+    """Keep the teacher's logits (safetensors, written atomically) for a resumed run."""
+    metadata = {"fingerprint": _fingerprint(cfg, texts)}
+    atomic_write_with(path, lambda tmp: save_file({"logits": logits.contiguous()}, str(tmp), metadata=metadata))
+
+
+def load_teacher_logits(path: Path, cfg: DistillConfig, texts: list[str]) -> torch.Tensor | None:
+    """The kept logits if they were made by this teacher for exactly these texts; otherwise None."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            fingerprint = (handle.metadata() or {}).get("fingerprint")
+        logits = load_file(str(path))["logits"] if fingerprint == _fingerprint(cfg, texts) else None
+    except (SafetensorError, OSError, KeyError):
+        return None  # unreadable or foreign: recomputing is only slower, never wrong
+    return logits if logits is not None and logits.shape[0] == len(texts) else None

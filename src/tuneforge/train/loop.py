@@ -35,7 +35,7 @@ from tuneforge.models.loading import load_tokenizer, predict_logits
 from tuneforge.models.runs import load_run_classifier
 from tuneforge.rundir import RunDir
 from tuneforge.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from tuneforge.train.distill import teacher_targets
+from tuneforge.train.distill import load_teacher_logits, save_teacher_logits, teacher_targets
 from tuneforge.train.ema import WeightAverage
 from tuneforge.train.optim import apply_schedule
 from tuneforge.train.regularize import Teacher, regularized_backward
@@ -142,6 +142,29 @@ def _truncate_log(run: RunDir, last_step: int) -> None:
     atomic_write_text(run.train_log_file, "".join(line + "\n" for line in kept))
 
 
+def _teacher_logits(
+    cfg: RunConfig,
+    run: RunDir,
+    texts: list[str],
+    labels: list[str],
+    resume: bool,
+    console: Console,
+    show_progress: bool,
+) -> torch.Tensor | None:
+    """Distillation's soft targets: the fixed teacher's logits on every training text.
+
+    One pass of the teacher per run; a resumed run reuses the logits kept beside its checkpoint.
+    """
+    if cfg.distill.teacher is None:
+        return None
+    if resume and (kept := load_teacher_logits(run.teacher_logits_file, cfg.distill, texts)) is not None:
+        console.print(f"distillation: reusing the teacher's logits kept in {run.teacher_logits_file}")
+        return kept
+    with _progress(console, show_progress) as progress:
+        task = progress.add_task("teacher", total=len(texts), info=str(cfg.distill.teacher))
+        return teacher_targets(cfg.distill, texts, labels, on_batch=lambda done: progress.advance(task, done))
+
+
 def train(
     config: RunConfig,
     *,
@@ -171,9 +194,8 @@ def train(
     model, optimizer = trainable_model(cfg, label_names, total_steps=total_steps)
     trainable, total = adapters.trainable_parameter_count(model)
     average = WeightAverage(model, tcfg.ema_decay) if tcfg.ema_decay is not None else None
-    # Distillation: the fixed teacher's logits on every training text, computed once.
-    soft_targets = teacher_targets(cfg.distill, data.train.texts, label_names) if cfg.distill.teacher else None
     console.print(format_audit(data.audit))
+    soft_targets = _teacher_logits(cfg, run, data.train.texts, label_names, resume, console, show_progress)
 
     if not resume:
         if run.path.exists():
@@ -182,6 +204,8 @@ def train(
         atomic_write_text(run.config_file, cfg.to_yaml())
         atomic_write_json(run.labels_file, label_names)
         atomic_write_json(run.audit_file, data.audit)
+    if soft_targets is not None:
+        save_teacher_logits(run.teacher_logits_file, soft_targets, cfg.distill, data.train.texts)
 
     # 2. Tokenise once; batches are padded only to their own longest text.
     label_index = {name: i for i, name in enumerate(label_names)}
