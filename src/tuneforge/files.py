@@ -11,6 +11,38 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS lets us (os.umask(x) sets it process-wide,
+    which would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def _usual_permissions(path: Path, *, folder: bool) -> None:
+    """mkstemp/mkdtemp create 0600/0700 (private to this user); a run is meant to be shared like any
+    file this process would create with open()/mkdir(), e.g. served by another account."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` to disk, children before parents."""
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            file = Path(dirpath) / name
+            if file.is_symlink():
+                continue
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(Path(dirpath))
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -41,6 +73,7 @@ def atomic_write_with(path: Path | str, writer: Callable[[Path], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        _usual_permissions(Path(tmp), folder=False)
         writer(Path(tmp))
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
@@ -61,7 +94,10 @@ def atomic_replace_dir(path: Path | str, writer: Callable[[Path], None]) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        _usual_permissions(staging, folder=True)
         writer(staging)
+        # Renames are only atomic for data already on disk: flush the new tree before it is swapped in.
+        _fsync_tree(staging)
         old = path.with_name(path.name + ".old")
         if old.exists():
             shutil.rmtree(old)

@@ -135,6 +135,41 @@ class RunDir:
         return labels
 
 
+# What marks a folder as a tuneforge run: labels.json (every stage writes it first) and at least one of
+# the files only a run has. A folder that merely happens to contain a config.yaml is not one.
+_RUN_MARKERS = (CONFIG_FILE, VARIANT_FILE, MODEL_DIR, ADAPTER_DIR, ONNX_DIR, "checkpoints")
+
+
+def is_run_dir(path: Path | str) -> bool:
+    """True for a folder that tuneforge wrote as a run directory (finished, interrupted or optimized)."""
+    path = Path(path)
+    return (
+        path.is_dir()
+        and not path.is_symlink()
+        and (path / LABELS_FILE).is_file()
+        and any((path / marker).exists() for marker in _RUN_MARKERS)
+    )
+
+
+def check_replaceable(path: Path | str, *, option: str) -> None:
+    """Refuse to replace anything but a missing path, an empty folder or a tuneforge run directory.
+
+    ``--overwrite`` and ``demo --out`` replace their target whole; pointed by mistake at ``.``, a home
+    folder or a data folder they must stop with a message, never delete it. ``option`` names the key
+    or flag that chose the path, for the message.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise RunDirError(f"{option}: {path} exists and is not a folder; tuneforge replaces only its own run folders")
+    if any(path.iterdir()) and not is_run_dir(path):
+        raise RunDirError(
+            f"{option}: {path} is not empty and is not a tuneforge run directory (no {LABELS_FILE}); "
+            "refusing to replace it: choose a new or empty folder"
+        )
+
+
 def open_run_dir(path: Path | str) -> RunDir:
     """Open a finished run directory for reading, checking that the model is there."""
     run = RunDir(Path(path))
