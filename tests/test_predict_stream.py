@@ -145,7 +145,9 @@ def test_output_is_atomic_on_a_bad_row(tiny_run: Path, tmp_path: Path, capsys: p
                  "--no-progress"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert code == EXIT_BAD_INPUT
-    assert err == [f"error: {source}: row 31 (line 32): expected 2 fields, found 3"]
+    assert err == [
+        f"error: {source}: row 31 (line 32): expected 2 fields, found 3 (an unquoted delimiter in the text?)"
+    ]
     assert out.read_text(encoding="utf-8") == "earlier predictions\n", "the earlier file is untouched"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "preds.csv"], "no temporary file left"
 
@@ -176,7 +178,7 @@ def test_progress_bar_is_shown(tmp_path: Path) -> None:
         (lambda d: write_csv(d / "in.csv", [("a", "b")]), ["--json"], "--json: not with --out"),
         (lambda d: write_csv(d / "in.csv", [("a", "b")]), ["--chunk-size", "0"], "--chunk-size: must be at least 1"),
         (lambda d: write_csv(d / "in.csv", [("a", "b")]), ["--top-k", "0"], "--top-k: must be at least 1"),
-        (lambda d: _latin1(d / "in.txt"), [], "near the start: cannot decode bytes with encoding 'utf-8'"),
+        (lambda d: _latin1(d / "in.txt"), [], "in.txt: line 1: cannot decode bytes with encoding 'utf-8'"),
         (lambda d: _bad_jsonl(d / "in.jsonl"), [], "in.jsonl: line 2: not valid JSON"),
         (lambda d: _write(d / "in.xlsx", "x"), [], "unsupported file type .xlsx"),
         (lambda d: _write(d / "in.csv", ""), [], "in.csv: file is empty"),

@@ -17,14 +17,38 @@ from tuneforge.data.readers import LabelledTexts
 MAX_EXAMPLES = 10
 _TOKENIZE_BATCH = 1000
 _PERCENTILES = (50, 90, 95, 99)
+# How format_audit names what the reader skipped or changed (keys of LabelledTexts.read_counts).
+_READ_COUNTS = {
+    "blank_lines": "blank lines skipped",
+    "empty_texts": "empty texts dropped",
+    "labels_stripped": "labels with spaces stripped",
+    "labels_from_numbers": "numeric labels made text (1.0 -> 1)",
+    "texts_from_numbers": "numeric texts made text",
+    "texts_cleaned": "texts changed by cleaning",
+}
 
 
-def _label_groups(data: LabelledTexts) -> dict[str, dict[str, list[int]]]:
-    """normalised text -> label -> positions."""
-    groups: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
-    for i, (text, label) in enumerate(zip(data.texts, data.labels, strict=True)):
-        groups[normalise_for_matching(text)][label].append(i)
-    return groups
+def _conflicts(data: LabelledTexts) -> tuple[int, dict[str, dict[str, list[int]]]]:
+    """(number of distinct normalised texts, normalised text -> label -> positions, for conflicts only).
+
+    The first pass keeps one label per normalised text, not every position, so memory grows with the
+    distinct texts only; positions are collected in a second pass for the (usually few) conflicts.
+    """
+    first_label: dict[str, str] = {}
+    conflicted: set[str] = set()
+    for text, label in zip(data.texts, data.labels, strict=True):
+        key = normalise_for_matching(text)
+        if first_label.setdefault(key, label) != label:
+            conflicted.add(key)
+    distinct = len(first_label)
+    del first_label
+    groups: dict[str, dict[str, list[int]]] = {}
+    if conflicted:
+        for i, text in enumerate(data.texts):
+            key = normalise_for_matching(text)
+            if key in conflicted:
+                groups.setdefault(key, defaultdict(list))[data.labels[i]].append(i)
+    return distinct, groups
 
 
 def token_lengths(tokenizer: Any, texts: Sequence[str]) -> list[int]:
@@ -56,8 +80,8 @@ def _length_stats(lengths: list[int], max_length: int | None) -> dict[str, Any]:
 
 def _split_report(data: LabelledTexts, tokenizer: Any, max_length: int | None) -> dict[str, Any]:
     counts = Counter(data.labels)
-    groups = _label_groups(data)
-    conflicts = [(key, by_label) for key, by_label in groups.items() if len(by_label) > 1]
+    distinct, groups = _conflicts(data)
+    conflicts = list(groups.items())
     conflict_examples = []
     for _key, by_label in conflicts[:MAX_EXAMPLES]:
         first = min(i for positions in by_label.values() for i in positions)
@@ -76,7 +100,7 @@ def _split_report(data: LabelledTexts, tokenizer: Any, max_length: int | None) -
         "imbalance_ratio": round(max(counts.values()) / min(counts.values()), 2) if counts else None,
         # Extra copies beyond the first; "normalised" ignores case, width and spacing, so it includes exact.
         "exact_duplicates": len(data) - len(set(data.texts)),
-        "normalised_duplicates": len(data) - len(groups),
+        "normalised_duplicates": len(data) - distinct,
         "conflicting_labels": {
             "count": len(conflicts),
             "rows": sum(len(positions) for _, by_label in conflicts for positions in by_label.values()),
@@ -102,12 +126,14 @@ def audit_splits(
     train = splits.get("train")
     if train is None:
         return report
-    train_keys = {normalise_for_matching(text) for text in train.texts}
+    others = {name: data for name, data in splits.items() if name != "train" and data is not None}
+    # Held-out splits are the small ones: keep their keys and scan train, not the other way round.
+    keys = {name: [normalise_for_matching(text) for text in data.texts] for name, data in others.items()}
+    held_keys = {key for split_keys in keys.values() for key in split_keys}
+    in_train = {key for text in train.texts if (key := normalise_for_matching(text)) in held_keys}
     train_labels = set(train.labels)
-    for name, data in splits.items():
-        if name == "train" or data is None:
-            continue
-        leaked = [i for i, text in enumerate(data.texts) if normalise_for_matching(text) in train_keys]
+    for name, data in others.items():
+        leaked = [i for i, key in enumerate(keys[name]) if key in in_train]
         report["leakage"][name] = {
             "count": len(leaked),
             "share": round(len(leaked) / len(data), 4) if len(data) else 0.0,
@@ -121,9 +147,9 @@ def audit_splits(
 
 def drop_conflicts(data: LabelledTexts) -> tuple[LabelledTexts, int]:
     """Drop every row whose normalised text occurs with more than one label (no label can be trusted)."""
-    groups = _label_groups(data)
-    bad = {key for key, by_label in groups.items() if len(by_label) > 1}
-    keep = [i for i, text in enumerate(data.texts) if normalise_for_matching(text) not in bad]
+    _, groups = _conflicts(data)
+    bad = {i for by_label in groups.values() for positions in by_label.values() for i in positions}
+    keep = [i for i in range(len(data)) if i not in bad]
     return data.subset(keep), len(data) - len(keep)
 
 
@@ -164,4 +190,8 @@ def format_audit(report: dict[str, Any]) -> str:
     dropped = {key: value for key, value in report.get("dropped", {}).items() if value}
     if dropped:
         lines.append("dropped: " + ", ".join(f"{key} {value:,}" for key, value in dropped.items()))
+    for name, counts in report.get("reading", {}).items():
+        shown = [f"{_READ_COUNTS.get(key, key)} {value:,}" for key, value in counts.items() if value]
+        if shown:
+            lines.append(f"read {name}: " + ", ".join(shown))
     return "\n".join(lines)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from tuneforge.config import DataConfig
 from tuneforge.data.audit import audit_splits, drop_conflicts, drop_leaked
-from tuneforge.data.cleaning import clean_texts
+from tuneforge.data.cleaning import clean_text
 from tuneforge.data.readers import LabelledTexts, read_labelled_file
 from tuneforge.data.splits import stratified_split, stratified_subsample
 from tuneforge.errors import DataError
@@ -69,18 +70,20 @@ def check_known_labels(data: LabelledTexts, labels: list[str]) -> None:
 
 
 def _read_clean(path: Path, cfg: DataConfig, dropped: dict[str, int], name: str) -> LabelledTexts:
+    # Cleaned while read, so the raw texts of a large file are never all in memory next to the clean ones.
     data = read_labelled_file(
         path,
         text_column=cfg.text_column,
         label_column=cfg.label_column,
         encoding=cfg.encoding,
         format=cfg.format,
+        clean=partial(clean_text, lowercase=cfg.lowercase),
     )
-    cleaned, empty = clean_texts(data, lowercase=cfg.lowercase)
+    empty = data.read_counts.get("empty_texts", 0)
     dropped[f"{name}_empty"] = empty
-    if not len(cleaned):
-        raise DataError(f"{data.source}: all {len(data):,} texts are empty after cleaning")
-    return cleaned
+    if not len(data):
+        raise DataError(f"{data.source}: all {empty:,} texts are empty after cleaning")
+    return data
 
 
 def _move_unseen_to_train(train: LabelledTexts, validation: LabelledTexts) -> tuple[LabelledTexts, LabelledTexts]:
@@ -106,12 +109,19 @@ def prepare_data(cfg: DataConfig, *, seed: int, tokenizer: Any = None, max_lengt
     """Read, clean, subsample, split, fix and audit the data a run trains on.
 
     ``dropped`` counts rows removed at each step (``train_empty``, ``train_subsampled``,
-    ``train_conflicts``, ``train_leaked``, ...); the audit reports the data after these fixes.
+    ``train_conflicts``, ``train_leaked``, ...); the audit reports the data after these fixes, and
+    under ``reading`` what reading each file skipped or changed (blank lines, labels normalised, ...).
     """
     dropped: dict[str, int] = {}
     train = _read_clean(cfg.train, cfg, dropped, "train")
     validation = _read_clean(cfg.validation, cfg, dropped, "validation") if cfg.validation else None
     test = _read_clean(cfg.test, cfg, dropped, "test") if cfg.test else None
+    # Taken now: the counts describe the files as read, and splitting makes new LabelledTexts.
+    reading = {
+        name: data.read_counts
+        for name, data in (("train", train), ("validation", validation), ("test", test))
+        if data is not None
+    }
 
     if cfg.max_train_rows is not None and len(train) > cfg.max_train_rows:
         before = len(train)
@@ -144,6 +154,7 @@ def prepare_data(cfg: DataConfig, *, seed: int, tokenizer: Any = None, max_lengt
         splits["test"] = test
     audit = audit_splits(splits, tokenizer=tokenizer, max_length=max_length)
     audit["dropped"] = dict(dropped)
+    audit["reading"] = reading
     audit["validation_from_train"] = validation_from_train
     if validation_from_train:
         audit["validation_size"] = cfg.validation_size

@@ -10,9 +10,9 @@ leaves a half-written predictions file (nor replaces an earlier one).
 from __future__ import annotations
 
 import csv
-import io
 import json
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -22,6 +22,18 @@ from typing import IO, Protocol
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from tuneforge.data.readers import (
+    Column,
+    Hints,
+    check_file,
+    check_no_nul,
+    decode_error,
+    delimited_records,
+    json_lines,
+    open_text,
+    parquet_columns,
+    text_value,
+)
 from tuneforge.errors import DataError, TuneforgeError
 from tuneforge.files import atomic_write_with
 from tuneforge.infer.predictor import Prediction
@@ -60,34 +72,28 @@ def output_format(path: Path) -> str:
     return fmt
 
 
+_CLI_HINTS = Hints(text_column="pass --text-column", label_column="pass --label-column", encoding="pass --encoding")
+
+
 class TextSource:
     """The texts of one file, read lazily as ``(row, text)`` pairs; rows are 1-based as in error messages.
 
     Opening checks what can be checked cheaply (the file exists, has the text column) so that a bad
-    file fails before a model is loaded.
+    file fails before a model is loaded. Parsing is the training reader's (``tuneforge.data.readers``),
+    with the same strictness; ``.txt`` has one text per line, where only ``\n`` ends a line.
     """
 
     def __init__(self, path: Path, *, text_column: str = "text", encoding: str = "utf-8") -> None:
         self.path = Path(path)
         self.format = input_format(self.path)
         self.text_column = text_column
-        self.encoding_name = encoding
-        # utf-8-sig drops the BOM Excel writes and reads plain UTF-8 the same.
-        self.encoding = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
-        if not self.path.exists():
-            raise DataError(f"{self.path}: file not found")
-        if not self.path.is_file():
-            raise DataError(f"{self.path}: not a file")
-        if self.path.stat().st_size == 0:
-            raise DataError(f"{self.path}: file is empty")
-        try:
-            "".encode(self.encoding)
-        except LookupError:
-            raise DataError(f"{self.path}: unknown encoding '{encoding}'") from None
+        self.encoding = encoding
+        self._column = Column(text_column, _CLI_HINTS.text_column)
+        check_file(self.path)
         self._binary: IO[bytes] | None = None
         self._last_row = 0
         if self.format == "parquet":
-            self._check_parquet_column()
+            parquet_columns(self.path, [self._column])
         else:
             # Reads only the header and the first record, so that a wrong column fails here.
             peek = self._iter_text_rows()
@@ -128,107 +134,50 @@ class TextSource:
             self._binary.close()
             self._binary = None
 
-    def _open_text(self) -> io.TextIOWrapper:
-        self._binary = self.path.open("rb")
-        # newline="" lets the csv module see quoted embedded newlines and CRLF as they are.
-        return io.TextIOWrapper(self._binary, encoding=self.encoding, errors="strict", newline="")
-
     def _iter_text_rows(self) -> Iterator[tuple[int, str]]:
-        handle = self._open_text()
+        self._binary = self.path.open("rb")
+        # newline="": the csv module sees quoted embedded newlines and CRLF as they are; one record a
+        # line otherwise, split on \n only, so a U+2028 or U+0085 inside a text does not split it.
+        newline = "" if self.format in ("csv", "tsv") else "\n"
+        handle = open_text(self._binary, self.path, self.encoding, _CLI_HINTS, newline=newline)
         try:
             if self.format in ("csv", "tsv"):
-                yield from self._iter_delimited(handle)
+                rows = delimited_records(handle, self.format, self.path, [self._column], _CLI_HINTS, Counter())
+                for row, (text,) in rows:
+                    self._last_row = row
+                    yield row, text
             elif self.format == "jsonl":
                 yield from self._iter_jsonl(handle)
             else:
                 yield from self._iter_txt(handle)
-        except UnicodeDecodeError as exc:
-            # Text is decoded a buffer at a time, so the row is known only as "after the last good one".
-            where = f"after row {self._last_row}" if self._last_row else "near the start"
-            raise DataError(
-                f"{self.path}: {where}: cannot decode bytes with encoding '{self.encoding_name}' "
-                f"(byte 0x{exc.object[exc.start]:02x}); pass --encoding, e.g. latin-1"
-            ) from None
+        except UnicodeDecodeError:
+            raise decode_error(self.path, self.encoding, _CLI_HINTS) from None
 
-    def _iter_delimited(self, handle: io.TextIOWrapper) -> Iterator[tuple[int, str]]:
-        if self.format == "tsv":
-            # QUOTE_NONE as in training: TSV corpora (SST-2) have bare quotes that belong to the text.
-            reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        else:
-            reader = csv.reader(handle)
-        try:
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{self.path}: file is empty")
-            header = [name.strip() for name in header]
-            if self.text_column not in header:
-                raise DataError(
-                    f"{self.path}: missing column '{self.text_column}' (columns: {', '.join(header)}); "
-                    "pass --text-column"
-                )
-            index = header.index(self.text_column)
-            row = 0
-            for record in reader:
-                if not record or (len(record) == 1 and not record[0].strip() and len(header) > 1):
-                    continue  # blank line, as in the training reader
-                row += 1
-                if len(record) != len(header):
-                    raise DataError(
-                        f"{self.path}: row {row} (line {reader.line_num}): expected {len(header)} fields, "
-                        f"found {len(record)}"
-                    )
-                self._last_row = row
-                yield row, record[index]
-        except csv.Error as exc:
-            raise DataError(f"{self.path}: line {reader.line_num}: cannot parse {self.format.upper()}: {exc}") from None
-
-    def _iter_jsonl(self, handle: io.TextIOWrapper) -> Iterator[tuple[int, str]]:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{self.path}: line {number}: not valid JSON ({exc.msg})") from None
+    def _iter_jsonl(self, handle: IO[str]) -> Iterator[tuple[int, str]]:
+        counts: Counter[str] = Counter()
+        for number, record in json_lines(handle, self.path, counts):
+            where = f"line {number}"
             if isinstance(record, str):
                 text = record  # a line that is just a JSON string is a text
             elif isinstance(record, dict):
                 if self.text_column not in record:
                     keys = ", ".join(str(k) for k in record) or "none"
                     raise DataError(
-                        f"{self.path}: line {number}: missing key '{self.text_column}' (keys: {keys}); "
-                        "pass --text-column"
+                        f"{self.path}: {where}: missing key '{self.text_column}' (keys: {keys}); pass --text-column"
                     )
-                text = record[self.text_column]
-                if text is None:
-                    text = ""
-                elif not isinstance(text, str):
-                    if isinstance(text, bool) or not isinstance(text, (int, float)):
-                        raise DataError(f"{self.path}: line {number}: text must be a string, got {type(text).__name__}")
-                    text = str(text)
+                text = text_value(record[self.text_column], where, self.path, counts)
             else:
-                raise DataError(f"{self.path}: line {number}: expected a JSON object, got {type(record).__name__}")
+                raise DataError(f"{self.path}: {where}: expected a JSON object, got {type(record).__name__}")
             self._last_row = number
             yield number, text
 
-    def _iter_txt(self, handle: io.TextIOWrapper) -> Iterator[tuple[int, str]]:
+    def _iter_txt(self, handle: IO[str]) -> Iterator[tuple[int, str]]:
         for number, line in enumerate(handle, start=1):
-            text = line.rstrip("\r\n")
+            text = line.removesuffix("\n").removesuffix("\r")
             if text.strip():
+                check_no_nul(text, self.path, f"line {number}", _CLI_HINTS)
                 self._last_row = number
                 yield number, text
-
-    def _check_parquet_column(self) -> None:
-        import pyarrow.parquet as pq
-
-        try:
-            names = pq.ParquetFile(self.path).schema_arrow.names
-        except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
-            raise DataError(f"{self.path}: cannot read Parquet file: {str(exc).splitlines()[0]}") from None
-        if self.text_column not in names:
-            raise DataError(
-                f"{self.path}: missing column '{self.text_column}' (columns: {', '.join(names)}); pass --text-column"
-            )
 
     def _iter_parquet(self) -> Iterator[tuple[int, str]]:
         import pyarrow.parquet as pq
@@ -239,6 +188,11 @@ class TextSource:
                 row += 1
                 self._last_row = row
                 yield row, "" if value is None else str(value)
+
+
+def read_texts(path: Path, *, text_column: str = "text", encoding: str = "utf-8") -> list[str]:
+    """Every text of a file, in order: one per data row, or one per non-blank line of a ``.txt`` file."""
+    return [text for _, text in TextSource(path, text_column=text_column, encoding=encoding)]
 
 
 def _tsv_field(value: str) -> str:
