@@ -29,12 +29,16 @@ browser:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; } || \
 	  echo "note: chromium/chromedriver not installed; the browser test will be skipped"
 
+# The import contracts (pyproject.toml, [tool.importlinter]) first: a second to check, and a broken layer
+# should not wait for the whole suite. tests/test_layering.py checks them too, for a bare `pytest`.
 test: $(STAMP) browser
+	$(BIN)/lint-imports --no-cache --no-logo
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/lint-imports --no-cache --no-logo
 
 clean:
 	rm -rf $(VENV) runs

@@ -35,7 +35,7 @@ from tuneforge.data import LabelledTexts, clean_texts, read_labelled_file, strat
 from tuneforge.data.batching import encode_texts
 from tuneforge.metrics import classification_metrics
 from tuneforge.models.loading import predict_logits
-from tuneforge.models.registry import resolve_model
+from tuneforge.pretrained import resolve_model
 from tuneforge.train.loop import train
 
 RESULTS = RESULTS_DIR / "finetune.jsonl"

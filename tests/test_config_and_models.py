@@ -13,7 +13,7 @@ import yaml
 from tuneforge.config import TrainConfig, load_config, validate_config
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.files import atomic_write_text
-from tuneforge.models.registry import REGISTRY, resolve_model
+from tuneforge.pretrained import REGISTRY, resolve_model
 from tuneforge.train.optim import lr_factor, parameter_groups
 
 

@@ -237,3 +237,18 @@ def _bad_jsonl(path: Path) -> Path:
 def _write(path: Path, content: str) -> Path:
     path.write_text(content, encoding="utf-8")
     return path
+
+
+def test_txt_gives_one_prediction_per_line(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Only \n ends a line: U+2028, U+0085, form feed and group separator are part of a text (str.splitlines
+    # would split at each), with or without --out.
+    texts = ["great film\u2028still one", "awful plot\x85still two", "okay\x0cthree", "fine\x1dfour", "plain five"]
+    source = _write(tmp_path / "in.txt", "\n".join(texts[:3]) + "\r\n" + "\n".join(texts[3:]) + "\n")
+    capsys.readouterr()
+    assert main(["predict", str(tiny_run), "--file", str(source), "--json"]) == 0
+    printed = capsys.readouterr().out.rstrip("\n").split("\n")
+    assert [json.loads(line)["text"] for line in printed] == texts
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", str(tiny_run), "--file", str(source), "--out", str(out), "--no-progress"]) == 0
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").rstrip("\n").split("\n")]
+    assert [(r["row"], r["text"]) for r in records] == list(enumerate(texts, start=1))

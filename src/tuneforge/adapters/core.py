@@ -20,8 +20,7 @@ from tuneforge.adapters.common import METADATA_FILE, head_module_names
 from tuneforge.config import AdapterOptions, FinetuneConfig
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.files import atomic_replace_dir
-from tuneforge.models.loading import quiet_transformers
-from tuneforge.models.registry import resolve_model
+from tuneforge.pretrained import quiet_transformers, resolve_model
 
 METHODS: dict[str, ModuleType] = {
     "lora": lora,

@@ -13,16 +13,7 @@ from tuneforge.config import ModelConfig
 from tuneforge.data.batching import collate
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.models.pruned import PRUNED_HEADS_KEY, restore_pruning
-from tuneforge.models.registry import check_weights_are_safe, model_max_positions, resolve_model
-
-
-def quiet_transformers() -> None:
-    # "Some weights were newly initialized" is expected for a fresh classifier head, and per-load
-    # progress bars drown our own; tuneforge reports what matters itself.
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+from tuneforge.pretrained import check_weights_are_safe, model_max_positions, quiet_transformers, resolve_model
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:

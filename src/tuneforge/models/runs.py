@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tuneforge.errors import ModelError, RunDirError
 from tuneforge.models.loading import load_classifier, predict_logits
+from tuneforge.pretrained import resolve_model
 from tuneforge.rundir import ONNX_DIR, RunDir
 
 FORMS = ("auto", "model", "adapter", "onnx")
@@ -65,8 +66,8 @@ def load_run_classifier(run: RunDir, *, prefer: str = "auto") -> tuple[torch.nn.
     if prefer != "adapter" and run.has_full_model:
         return load_classifier(run.model_dir)
     if prefer != "model" and run.has_adapter:
+        # Imported here: peft takes seconds to import, and only this form needs it.
         from tuneforge.adapters import load_adapted_classifier
-        from tuneforge.models.registry import resolve_model
 
         source = resolve_model(run_base_model_name(run), trust_pickle=False)
         model = load_adapted_classifier(run.adapter_dir, source)

@@ -35,7 +35,6 @@ from tuneforge.data import prepare_data
 from tuneforge.data.batching import encode_texts
 from tuneforge.errors import ConfigError, RunDirError, TuneforgeError
 from tuneforge.files import atomic_replace_dir, atomic_write_json, atomic_write_text
-from tuneforge.models.loading import quiet_transformers
 from tuneforge.models.onnx_runtime import OnnxClassifier
 from tuneforge.models.quantized import quantize_torch_dynamic
 from tuneforge.models.runs import TorchClassifier, load_run_classifier
@@ -48,6 +47,7 @@ from tuneforge.optimize.measure import (
     plot_frontier,
     reset_peak_rss,
 )
+from tuneforge.pretrained import quiet_transformers
 from tuneforge.rundir import ONNX_DIR, ONNX_FILE, RunDir, open_run_dir
 
 VARIANTS = (

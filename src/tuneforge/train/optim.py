@@ -18,9 +18,9 @@ import math
 
 import torch
 
-from tuneforge.adapters import block_index
 from tuneforge.config import TrainConfig
 from tuneforge.errors import ConfigError
+from tuneforge.pretrained import block_index
 
 # Smith's one-cycle (Smith & Topin 2017, "Super-Convergence"), with PyTorch's / fastai's constants:
 # the lr starts at max/25, and ends at max/(25 * 1e4), i.e. practically 0.
