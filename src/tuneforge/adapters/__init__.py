@@ -9,7 +9,8 @@ Training::
     save_adapter(model, folder, base_model_name=cfg.model.name, labels=labels)
 
 Inference: ``load_adapted_classifier(folder)``, ``merge_adapter(model)``, or ``AdapterBank`` for several
-tasks on one base model. This package never imports ``tuneforge.train``.
+tasks on one base model. This package imports neither ``tuneforge.train`` nor ``tuneforge.models``
+(``models`` loads an adapter run through it); pyproject.toml's import contracts check that.
 """
 
 from tuneforge.adapters.bank import AdapterBank
