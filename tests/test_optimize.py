@@ -93,3 +93,33 @@ def test_existing_output_needs_overwrite(tiny_run: Path, tmp_path: Path) -> None
     with pytest.raises(RunDirError, match="already exists"):
         optimize_run(tiny_run, out_dir=tmp_path / "o", options=OptimizeOptions(variants=("onnx-fp32",)))
     assert (tmp_path / "o" / "keep.txt").read_text() == "x"
+
+
+def test_overwrite_replaces_an_earlier_run_and_nothing_else(
+    trained_tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from tuneforge.cli import EXIT_BAD_INPUT, main
+    from tuneforge.rundir import is_run_dir
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("keep me")
+    capsys.readouterr()
+    assert main(["optimize", str(trained_tiny_run), "--out", str(home), "--overwrite"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out: ") and str(home) in err and "not a tuneforge run directory" in err
+    assert [p.name for p in home.iterdir()] == ["notes.txt"] and (home / "notes.txt").read_text() == "keep me"
+    holder = trained_tiny_run.parent
+    before = sorted(p.name for p in holder.iterdir())
+    with pytest.raises(RunDirError, match="is or holds the source run"):
+        optimize_run(
+            trained_tiny_run, out_dir=holder, options=OptimizeOptions(variants=("torch-fp32",)), overwrite=True
+        )
+    assert sorted(p.name for p in holder.iterdir()) == before
+
+    out = tmp_path / "opt"
+    options = OptimizeOptions(variants=("torch-fp32",), threads=1)
+    optimize_run(trained_tiny_run, out_dir=out, options=options)
+    (out / "stale.txt").write_text("from the earlier run")
+    optimize_run(trained_tiny_run, out_dir=out, options=options, overwrite=True)
+    assert is_run_dir(out) and not (out / "stale.txt").exists()

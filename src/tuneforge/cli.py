@@ -149,9 +149,9 @@ def _cmd_lr_find(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_optimize(args: argparse.Namespace, console: Console) -> int:
-    from tuneforge.optimize.pipeline import VARIANTS, OptimizeOptions, optimize_run
+    from tuneforge.optimize.pipeline import OptimizeOptions, optimize_run
 
-    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip()) if args.variants else VARIANTS
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip()) if args.variants else None
     for name, value in (("--prune-heads", args.prune_heads), ("--prune-ffn", args.prune_ffn)):
         if not 0.0 <= value < 1.0:
             raise TuneforgeError(f"{name}: must be in [0, 1), got {value}")
@@ -277,8 +277,11 @@ def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
 def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
     from tuneforge.config import validate_config
     from tuneforge.infer.predictor import Predictor
+    from tuneforge.rundir import check_replaceable
     from tuneforge.train.loop import train
 
+    # The demo replaces its own earlier run, never a folder of the user's given by mistake.
+    check_replaceable(args.out, option="--out")
     data_file = Path(str(files("tuneforge.demo") / "support_intents.csv"))
     config = validate_config(
         {
@@ -289,7 +292,6 @@ def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
         }
     )
     console.print(f"[bold]tuneforge demo[/bold]: fine-tuning minilm-l6 on {data_file.name} (customer-support intents)")
-    # The demo owns its run directory, so re-running it replaces the previous demo run.
     result = train(config, overwrite=True, console=console, show_progress=not args.no_progress)
     predictor = Predictor(result.run_dir)
     console.print("\n[bold]predictions on new messages[/bold]")

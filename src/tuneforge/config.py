@@ -10,13 +10,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
 from tuneforge.errors import ConfigError
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _absolute(path: Path | None) -> str | None:
+    # A run saves its config with absolute paths, so that it names the same files from any working
+    # directory (optimize retrains from it, evaluate and resume compare against it).
+    return None if path is None else str(path.absolute())
 
 
 class ModelConfig(_Section):
@@ -46,6 +52,10 @@ class DataConfig(_Section):
     drop_leaked: bool = Field(
         False, description="Drop train rows whose normalised text also occurs in validation/test."
     )
+
+    @field_serializer("train", "validation", "test", when_used="json")
+    def _absolute_paths(self, path: Path | None) -> str | None:
+        return _absolute(path)
 
     @model_validator(mode="after")
     def _encoding_exists(self) -> DataConfig:
@@ -234,6 +244,10 @@ class DistillConfig(_Section):
     temperature: float = Field(2.0, gt=0.0, description="Softens both distributions before the KL term.")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the KL term; 1 - alpha weighs the labels.")
 
+    @field_serializer("teacher", when_used="json")
+    def _absolute_teacher(self, path: Path | None) -> str | None:
+        return _absolute(path)
+
 
 class OutputConfig(_Section):
     dir: Path = Field(Path("runs/run"), description="The run directory this run writes.")
@@ -270,17 +284,21 @@ class RunConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _format_validation_error(error: ValidationError) -> str:
+def _format_validation_error(error: ValidationError, section: tuple[str, ...] = ()) -> str:
+    """One line naming every bad key; ``section`` is where the validated model sits in a RunConfig."""
     problems = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(config)"
+        loc = (*section, *item["loc"])
+        key = ".".join(str(part) for part in loc) or "(config)"
         if item["type"] == "extra_forbidden":
-            problems.append(f"{key}: unknown key{_allowed_keys_hint(item['loc'])}")
+            problems.append(f"{key}: unknown key{_allowed_keys_hint(loc)}")
         elif item["type"] == "missing":
             problems.append(f"{key}: required key is missing")
         else:
             message = item["msg"].removeprefix("Value error, ")
-            problems.append(f"{key}: {message} (got {item.get('input')!r})")
+            value = item.get("input")
+            # A whole section (a model-level check) is noise in a one-line message.
+            problems.append(f"{key}: {message}" if isinstance(value, dict) else f"{key}: {message} (got {value!r})")
     return "; ".join(problems)
 
 
@@ -323,12 +341,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def validate_config(raw: dict[str, Any], base_dir: Path | None = None) -> RunConfig:
-    """Validate a raw dict; relative data paths resolve against ``base_dir`` (the YAML's folder)."""
+# The paths a config names, as (section, key): relative ones are resolved against the config's folder.
+_PATH_KEYS = (("data", "train"), ("data", "validation"), ("data", "test"), ("distill", "teacher"))
+
+
+def _validate(raw: dict[str, Any]) -> RunConfig:
     try:
-        config = RunConfig.model_validate(raw)
+        return RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc)) from None
+
+
+def validate_config(raw: dict[str, Any], base_dir: Path | None = None) -> RunConfig:
+    """Validate a raw dict; relative data paths resolve against ``base_dir`` (the YAML's folder)."""
+    config = _validate(raw)
     if base_dir is not None:
         data = config.data
         for key in ("train", "validation", "test"):
@@ -340,9 +366,15 @@ def validate_config(raw: dict[str, Any], base_dir: Path | None = None) -> RunCon
     return config
 
 
-def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config, apply ``--set`` overrides and validate it."""
-    path = Path(path)
+def validate_data_config(raw: dict[str, Any]) -> DataConfig:
+    """Validate a ``data`` section alone (how to read a file), with messages naming ``data.<key>``."""
+    try:
+        return DataConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, ("data",))) from None
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -351,5 +383,36 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a mapping of sections (model, data, train, output)")
-    raw = apply_overrides(raw, overrides or [])
+    return raw
+
+
+def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply ``--set`` overrides and validate it."""
+    path = Path(path)
+    raw = apply_overrides(_read_mapping(path), overrides or [])
     return validate_config(raw, base_dir=path.parent)
+
+
+def load_saved_config(path: Path | str) -> RunConfig:
+    """Read and validate the config a run saved beside its model; every message names the file.
+
+    Training saves absolute paths. A relative one (a config edited by hand, or moved with its data)
+    names a file next to the config, whatever the working directory; a run saved before paths were
+    absolute named them from the training's working directory, which is still tried when the file is
+    not next to the config.
+    """
+    path = Path(path)
+    raw = _read_mapping(path)
+    try:
+        config = _validate(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    base_dir = path.parent.absolute()
+    for section, key in _PATH_KEYS:
+        value = getattr(getattr(config, section), key)
+        if value is None or value.is_absolute():
+            continue
+        candidate = base_dir / value
+        if candidate.exists() or not value.exists():
+            setattr(getattr(config, section), key, candidate)
+    return config

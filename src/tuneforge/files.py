@@ -88,17 +88,18 @@ def atomic_replace_dir(path: Path | str, writer: Callable[[Path], None]) -> None
     """Write a whole folder next to ``path`` and swap it in, so readers never see it half-written.
 
     The swap is two renames (old aside, new in); a crash between them leaves ``path.old`` which the
-    next call cleans up, and the newest complete copy is always either ``path`` or ``path.old``.
+    next call cleans up, and the newest complete copy is always either ``path`` or ``path.old``. An
+    error (not a crash) between them puts ``path.old`` back.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.with_name(path.name + ".old")
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         _usual_permissions(staging, folder=True)
         writer(staging)
         # Renames are only atomic for data already on disk: flush the new tree before it is swapped in.
         _fsync_tree(staging)
-        old = path.with_name(path.name + ".old")
         if old.exists():
             shutil.rmtree(old)
         if path.exists():
@@ -108,5 +109,7 @@ def atomic_replace_dir(path: Path | str, writer: Callable[[Path], None]) -> None
             shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if old.exists() and not path.exists():  # failed between the two renames: put the old copy back
+            os.replace(old, path)
         raise
     _fsync_dir(path.parent)

@@ -29,7 +29,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneforge.errors import RunDirError
+from tuneforge.config import RunConfig, load_saved_config
+from tuneforge.errors import ConfigError, RunDirError
 
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
@@ -98,6 +99,22 @@ class RunDir:
     @property
     def config_file(self) -> Path:
         return self.path / CONFIG_FILE
+
+    def config(self) -> RunConfig:
+        """The validated config that produced this run, its relative paths resolved against the run folder."""
+        config = self.config_or_none()
+        if config is None:
+            raise RunDirError(f"{self.path}: no {CONFIG_FILE}, so the run's model and data settings are unknown")
+        return config
+
+    def config_or_none(self) -> RunConfig | None:
+        """Like :meth:`config`, but None where the run has no config (a model folder assembled by hand)."""
+        if not self.config_file.exists():
+            return None
+        try:
+            return load_saved_config(self.config_file)
+        except ConfigError as exc:
+            raise RunDirError(str(exc)) from None
 
     @property
     def audit_file(self) -> Path:

@@ -5,13 +5,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tuneforge.config import DataConfig
+from tuneforge.config import DataConfig, validate_data_config
 from tuneforge.data import read_eval_file
 from tuneforge.files import atomic_write_json
 from tuneforge.infer.predictor import Predictor
 from tuneforge.metrics import classification_metrics, plot_confusion_matrix
+
+
+def _eval_data_config(
+    predictor: Predictor, data_path: Path | str, text_column: str | None, label_column: str | None, encoding: str | None
+) -> DataConfig:
+    """How to read ``data_path``: the run's own columns, encoding and cleaning, overridden by the options given.
+
+    Only the reading settings are taken from the run, never its files: the training data need not exist.
+    """
+    config = predictor.run.config_or_none()
+    raw = config.data.model_dump() if config else {}
+    raw["train"] = Path(data_path)
+    for key, value in (("text_column", text_column), ("label_column", label_column), ("encoding", encoding)):
+        if value is not None:
+            raw[key] = value
+    return validate_data_config(raw)
 
 
 def evaluate_file(
@@ -25,14 +39,8 @@ def evaluate_file(
 ) -> tuple[dict[str, Any], Path]:
     """Score ``data_path`` with the run's model; write ``<out_dir>/<file stem>.json`` and ``.png``."""
     predictor = Predictor(run_dir)
-    saved = yaml.safe_load(predictor.run.config_file.read_text(encoding="utf-8")) or {}
-    data_cfg = dict(saved.get("data", {}))
-    data_cfg["train"] = data_cfg.get("train") or str(data_path)
-    for key, value in (("text_column", text_column), ("label_column", label_column), ("encoding", encoding)):
-        if value is not None:
-            data_cfg[key] = value
-    cfg = DataConfig.model_validate(data_cfg)
-    data = read_eval_file(Path(data_path), cfg, predictor.labels)
+    data_cfg = _eval_data_config(predictor, data_path, text_column, label_column, encoding)
+    data = read_eval_file(Path(data_path), data_cfg, predictor.labels)
     index = {label: i for i, label in enumerate(predictor.labels)}
     probabilities = predictor.predict_proba(data.texts)
     predicted = [max(range(len(row)), key=row.__getitem__) for row in probabilities]

@@ -15,7 +15,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import yaml
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tuneforge.errors import ModelError, RunDirError
@@ -49,14 +48,10 @@ class TorchClassifier:
 
 def run_base_model_name(run: RunDir) -> str:
     """The base model the run was trained from, as named in its config (registry name, folder or hub id)."""
-    try:
-        saved = yaml.safe_load(run.config_file.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise RunDirError(f"{run.path}: no config.yaml, so the adapter's base model is unknown") from None
-    name = (saved.get("model") or {}).get("name")
-    if not isinstance(name, str) or not name:
-        raise RunDirError(f"{run.config_file}: model.name is missing")
-    return name
+    config = run.config_or_none()
+    if config is None:
+        raise RunDirError(f"{run.path}: no config.yaml, so the adapter's base model is unknown")
+    return config.model.name
 
 
 def load_run_classifier(run: RunDir, *, prefer: str = "auto") -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:

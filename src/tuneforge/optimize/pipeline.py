@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from rich.console import Console
 
 from tuneforge.config import RunConfig, validate_config
-from tuneforge.data import prepare_data
+from tuneforge.data import LabelledTexts, prepare_data, read_eval_file
 from tuneforge.data.batching import encode_texts
 from tuneforge.errors import ConfigError, RunDirError, TuneforgeError
 from tuneforge.files import atomic_replace_dir, atomic_write_json, atomic_write_text
@@ -48,7 +47,7 @@ from tuneforge.optimize.measure import (
     reset_peak_rss,
 )
 from tuneforge.pretrained import quiet_transformers
-from tuneforge.rundir import ONNX_DIR, ONNX_FILE, RunDir, open_run_dir
+from tuneforge.rundir import ONNX_DIR, ONNX_FILE, RunDir, check_replaceable, open_run_dir
 
 VARIANTS = (
     "torch-fp32",
@@ -62,7 +61,9 @@ VARIANTS = (
     "distilled-onnx-int8",
 )
 BASELINE = "torch-fp32"
-COPIED_FILES = ("labels.json", "config.yaml", "audit.json")
+# Variants made from the run's training texts (static calibration, importance scores, distillation).
+NEEDS_TRAINING_DATA = ("onnx-int8-static", "pruned", "pruned-onnx-int8", "distilled", "distilled-onnx-int8")
+COPIED_FILES = ("labels.json", "audit.json")
 CALIBRATION_TEXTS = 256
 IMPORTANCE_TEXTS = 512
 
@@ -71,7 +72,7 @@ IMPORTANCE_TEXTS = 512
 class OptimizeOptions:
     max_drop: float = 1.0
     target: str = "latency"
-    variants: tuple[str, ...] = VARIANTS
+    variants: tuple[str, ...] | None = None  # None: all (those the run's data still allows)
     prune_heads: float = 0.25
     prune_ffn: float = 0.5
     recovery_epochs: int = 2
@@ -98,32 +99,66 @@ def check_variants(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _source_config(run: RunDir) -> RunConfig:
-    try:
-        raw = yaml.safe_load(run.config_file.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise RunDirError(f"{run.path}: no config.yaml, so its data and settings are unknown") from None
-    return validate_config(raw)
+@dataclass
+class _Data:
+    validation: LabelledTexts
+    train: LabelledTexts | None  # None: not needed, or --data given and the run's data files are gone
 
 
-def _validation_data(cfg: RunConfig, run: RunDir, data_file: Path | None) -> Any:
-    """The run's own validation split (re-made from its config and seed), or ``data_file`` if given."""
-    data_cfg = cfg.data.model_copy()
-    if data_file is not None:
-        data_cfg.validation = data_file
+def _missing_run_files(cfg: RunConfig) -> list[Path]:
+    """The run's data files (those a retraining reads) that no longer exist."""
+    return [path for path in (cfg.data.train, cfg.data.validation) if path is not None and not path.is_file()]
+
+
+def _measurement_data(cfg: RunConfig, run: RunDir, data_file: Path | None, *, need_train: bool) -> _Data:
+    """The texts variants are measured on: ``data_file`` if given, else the run's own validation split
+    (re-made from its config and seed); and the run's training texts where a variant needs them."""
+    labels = run.labels()
+    validation = read_eval_file(data_file, cfg.data, labels) if data_file is not None else None
+    if validation is not None and (not need_train or _missing_run_files(cfg)):
+        return _Data(validation, None)
     try:
-        return prepare_data(data_cfg, seed=cfg.train.seed)
+        # The test file plays no part here; a run whose test file is gone still has its data.
+        prepared = prepare_data(cfg.data.model_copy(update={"test": None}), seed=cfg.train.seed)
     except TuneforgeError as exc:
+        if validation is not None:
+            raise
         raise RunDirError(
             f"{run.path}: no validation data to measure variants on ({exc}); pass --data FILE with labelled texts"
         ) from None
+    return _Data(validation if validation is not None else prepared.validation, prepared.train)
 
 
-def _write_run(folder: Path, source: RunDir, variant: dict[str, Any], write_model: Callable[[Path], None]) -> None:
+def _runnable_variants(
+    requested: tuple[str, ...] | None, cfg: RunConfig, data_file: Path | None, console: Console
+) -> tuple[str, ...]:
+    """The variants to build. With ``--data`` and the run's training file gone, the variants made from
+    training texts cannot be built: skipped with a message by default, an error when asked for by name."""
+    names = check_variants(requested if requested is not None else VARIANTS)
+    needing = [name for name in names if name in NEEDS_TRAINING_DATA]
+    missing = _missing_run_files(cfg) if data_file is not None and needing else []
+    if not missing:
+        return names
+    gone = ", ".join(str(path) for path in missing)
+    if requested is not None:
+        raise RunDirError(
+            f"--variants: {', '.join(needing)} need the run's training data, and {gone} no longer exists; "
+            "restore it or leave those variants out"
+        )
+    console.print(f"skipping {', '.join(needing)}: they need the run's training data, and {gone} no longer exists")
+    return tuple(name for name in names if name not in NEEDS_TRAINING_DATA)
+
+
+def _write_run(
+    folder: Path, source: RunDir, cfg: RunConfig, variant: dict[str, Any], write_model: Callable[[Path], None]
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name in COPIED_FILES:
         if (source.path / name).exists():
             shutil.copy2(source.path / name, folder / name)
+    # The source's config as read (paths resolved), not copied: a relative path in it would name a
+    # file next to the source run, not next to the variant.
+    atomic_write_text(RunDir(folder).config_file, cfg.to_yaml())
     write_model(folder)
     atomic_write_json(folder / "variant.json", variant)
 
@@ -139,7 +174,9 @@ def _save_hf(model: torch.nn.Module, tokenizer: Any) -> Callable[[Path], None]:
 class _Builder:
     """Builds and measures variants into ``work`` (the staging copy of OUT)."""
 
-    def __init__(self, source: RunDir, cfg: RunConfig, work: Path, options: OptimizeOptions, console: Console) -> None:
+    def __init__(
+        self, source: RunDir, cfg: RunConfig, data: _Data, work: Path, options: OptimizeOptions, console: Console
+    ) -> None:
         self.source, self.cfg, self.work, self.options, self.console = source, cfg, work, options, console
         self.model, self.tokenizer = load_run_classifier(source, prefer="model" if source.has_full_model else "adapter")
         if not source.has_full_model:
@@ -149,7 +186,7 @@ class _Builder:
         self.model.eval()
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.labels = source.labels()
-        self.data = _validation_data(cfg, source, options.data_file)
+        self.data = data
         index = {label: i for i, label in enumerate(self.labels)}
         unknown = sorted(set(self.data.validation.labels) - set(index))
         if unknown:
@@ -190,7 +227,7 @@ class _Builder:
         info = {"name": name, "form": "model", "source_run": str(self.source.path), **(extra or {})}
         if quantize:
             info["quantize"] = "torch-dynamic-int8"
-        _write_run(folder, self.source, info, _save_hf(model, self.tokenizer))
+        _write_run(folder, self.source, self.cfg, info, _save_hf(model, self.tokenizer))
         reset_peak_rss()
         runnable = quantize_torch_dynamic(model) if quantize else model
         # int8 weights are a quarter of fp32, but stored fp32 (quantized at load): report what is on disk.
@@ -217,12 +254,13 @@ class _Builder:
                 if quantize == "dynamic":
                     quantize_onnx_dynamic(fp32, target)
                 else:
-                    calibration = encode_texts(self.tokenizer, self.data.train.texts[:4096], self.cfg.model.max_length)
+                    texts = self.train_texts().texts[:4096]
+                    calibration = encode_texts(self.tokenizer, texts, self.cfg.model.max_length)
                     quantize_onnx_static(fp32, target, calibration, self.pad_id, max_samples=CALIBRATION_TEXTS)
                 fp32.unlink()
             self.tokenizer.save_pretrained(run_folder / ONNX_DIR)
 
-        _write_run(folder, self.source, info, write)
+        _write_run(folder, self.source, self.cfg, info, write)
         reset_peak_rss()
         classifier = OnnxClassifier(folder / ONNX_DIR / ONNX_FILE, threads=self.options.threads)
         self._measure(name, classifier, folder_size_mb(folder / ONNX_DIR / ONNX_FILE))
@@ -237,12 +275,18 @@ class _Builder:
         raw["model"]["name"] = str(init_folder)
         raw["finetune"] = {"method": "full"}
         raw["distill"] = {**raw.get("distill", {}), "teacher": str(self.source.path)}
+        raw["data"]["test"] = None  # the variant is measured here, not on the run's test file
         raw["train"]["epochs"] = epochs
         raw["train"]["learning_rate"] = self.cfg.train.learning_rate if self.cfg.finetune.method == "full" else None
         raw["output"] = {"dir": str(out)}
         result = train(validate_config(raw), overwrite=True, console=self.console, show_progress=False)
         model, _ = load_run_classifier(RunDir(result.run_dir), prefer="model")
         return model.eval()
+
+    def train_texts(self) -> LabelledTexts:
+        if self.data.train is None:  # _runnable_variants leaves out every variant that would get here
+            raise RunDirError(f"{self.source.path}: the run's training data is not available")
+        return self.data.train
 
     def pruned(self) -> torch.nn.Module:
         import copy
@@ -254,7 +298,8 @@ class _Builder:
         )
         model = copy.deepcopy(self.model)
         index = {label: i for i, label in enumerate(self.labels)}
-        texts, labels = self.data.train.texts[:IMPORTANCE_TEXTS], self.data.train.labels[:IMPORTANCE_TEXTS]
+        train = self.train_texts()
+        texts, labels = train.texts[:IMPORTANCE_TEXTS], train.labels[:IMPORTANCE_TEXTS]
         encoded = encode_texts(self.tokenizer, texts, self.cfg.model.max_length)
         head_scores, ffn_scores = importance(model, encoded, [index[y] for y in labels], pad_id=self.pad_id)
         prune(
@@ -292,18 +337,22 @@ def optimize_run(
     """Build, measure and compare the variants of ``run_dir``; write the best as the run directory ``out_dir``."""
     options = options or OptimizeOptions()
     console = console or Console(stderr=True)
-    variants = check_variants(options.variants)
     if options.max_drop < 0:
         raise ConfigError(f"--max-drop: must be >= 0, got {options.max_drop}")
     if options.target not in ("latency", "size"):
         raise ConfigError(f"--target: must be latency or size, not {options.target!r}")
     source = open_run_dir(run_dir)
     out = Path(out_dir) if out_dir is not None else source.path.with_name(source.path.name + "-optimized")
-    if out.resolve() == source.path.resolve():
-        raise RunDirError(f"--out: {out} is the source run; choose another folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.resolve() == source.path.resolve() or source.path.resolve().is_relative_to(out.resolve()):
+        raise RunDirError(f"--out: {out} is or holds the source run; choose another folder")
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise RunDirError(f"--out: {out} already exists; pass --overwrite to replace it")
-    cfg = _source_config(source)
+    check_replaceable(out, option="--out")
+    cfg = source.config()
+    variants = _runnable_variants(options.variants, cfg, options.data_file, console)
+    skipped = [name for name in check_variants(options.variants or VARIANTS) if name not in variants]
+    need_train = any(name in NEEDS_TRAINING_DATA for name in variants)
+    data = _measurement_data(cfg, source, options.data_file, need_train=need_train)
     if options.threads:
         torch.set_num_threads(options.threads)
     quiet_transformers()
@@ -311,7 +360,7 @@ def optimize_run(
     result: dict[str, Any] = {}
 
     def build(work: Path) -> None:
-        builder = _Builder(source, cfg, work, options, console)
+        builder = _Builder(source, cfg, data, work, options, console)
         models = {"base": builder.model}
         for name in variants:
             base = "pruned" if name.startswith("pruned") else "distilled" if name.startswith("distilled") else "base"
@@ -349,6 +398,7 @@ def optimize_run(
             "validation_examples": len(builder.val_ids),
             "measurements": [m.to_dict() for m in builder.measurements],
             "rejected": rejected,
+            "skipped": skipped,
         }
         atomic_write_json(work / "optimize_report.json", report)
         table = markdown_table(builder.measurements, baseline=BASELINE, chosen=chosen.name)
@@ -380,8 +430,8 @@ def remeasure(out_dir: Path | str, *, console: Console | None = None) -> list[Me
     report = json.loads((out / "optimize_report.json").read_text(encoding="utf-8"))
     names = [m["name"] for m in report["measurements"]]
     source = open_run_dir(report["source_run"])
-    cfg = _source_config(source)
-    data = _validation_data(cfg, source, None)
+    cfg = source.config()
+    data = _measurement_data(cfg, source, None, need_train=False)
     labels = source.labels()
     index = {label: i for i, label in enumerate(labels)}
     results = []

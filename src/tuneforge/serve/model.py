@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import yaml
 
 import tuneforge
+from tuneforge.errors import RunDirError
 from tuneforge.rundir import RunDir
 from tuneforge.serve.settings import ServeSettings
 
@@ -51,22 +51,18 @@ def describe_model(settings: ServeSettings, model: ServableModel) -> dict[str, A
         variant = run.variant()
     except Exception:  # a damaged variant.json must not stop a model that loaded from being served
         variant = {}
-    saved: dict[str, Any] = {}
-    if run.config_file.is_file():
-        try:
-            saved = yaml.safe_load(run.config_file.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError:
-            saved = {}
-    model_cfg = saved.get("model") or {}
-    max_length = model_cfg.get("max_length")
+    try:
+        config = run.config_or_none()
+    except RunDirError:  # the model loaded without it; describing the model must not fail on it
+        config = None
     return {
         "labels": list(model.labels),
         "num_labels": len(model.labels),
         "form": model.form,
         "variant": variant.get("name"),
         "quantize": variant.get("quantize"),
-        "base_model": model_cfg.get("name"),
-        "max_length": int(max_length) if isinstance(max_length, int) else None,
+        "base_model": config.model.name if config else None,
+        "max_length": config.model.max_length if config else None,
         "version": run_version(run.path),
         "run_dir": run.path.name,
         "tuneforge_version": tuneforge.__version__,

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -88,8 +87,8 @@ def teacher_targets(
             f"distill.teacher: {cfg.teacher} was trained on labels {teacher_labels[:5]}... but this run has "
             f"{labels[:5]}...; a teacher must have the same labels in the same order"
         )
-    saved = yaml.safe_load(run.config_file.read_text(encoding="utf-8")) if run.config_file.exists() else {}
-    max_length = int(((saved or {}).get("model") or {}).get("max_length", 128))
+    teacher_config = run.config_or_none()
+    max_length = teacher_config.model.max_length if teacher_config else 128
     encoded = encode_texts(tokenizer, texts, max_length)
     logits = predict_logits(
         model, encoded, pad_id=tokenizer.pad_token_id or 0, batch_size=batch_size, on_batch=on_batch
