@@ -66,6 +66,9 @@ def test_relative_paths_in_a_saved_config_resolve_against_its_folder(
     assert isinstance(config, RunConfig)
     assert config.data.train == tmp_path / "run" / "data" / "train.csv"
     assert config.data.validation == tmp_path / "run" / "dev.csv", "a missing file is named where it should be"
+    # A run saved before paths were absolute named them from the training's working directory.
+    (run / "data" / "train.csv").unlink()
+    assert RunDir(Path("run")).config().data.train == Path("data/train.csv")
 
 
 def test_a_missing_or_invalid_run_config_is_a_run_dir_error_naming_the_file(tmp_path: Path) -> None:
