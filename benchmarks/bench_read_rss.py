@@ -10,7 +10,8 @@ reports the child's peak RSS (``ru_maxrss`` from ``wait4``) next to the file siz
 
     python benchmarks/bench_read_rss.py --size-mb 1024 --before /tmp/tf-before/src
 
-``--before`` is the ``src`` folder of another checkout (e.g. ``git worktree add /tmp/tf-before REV``).
+``--before`` (and ``--after``, by default this checkout) is the ``src`` folder of a checkout, e.g. one
+made by ``git worktree add /tmp/tf-before REV``: a fixed commit is not changed under a long run.
 Each child runs under an address-space limit (``--limit-gb``) so that a version needing more fails
 alone instead of pushing a shared machine out of memory. The generated file is deleted at the end
 unless ``--keep``; records are appended to ``benchmarks/results/read_rss.jsonl``.
@@ -133,6 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=float, default=1024.0, help="size of the generated CSV in MiB")
     parser.add_argument("--file", type=Path, default=Path("/tmp/tuneforge-rss-bench.csv"))
+    parser.add_argument("--after", type=Path, default=ROOT / "src", help="src folder of the new code")
     parser.add_argument("--before", type=Path, help="src folder of the code to compare against")
     parser.add_argument("--only-before", action="store_true", help="measure only --before")
     parser.add_argument("--tasks", default="import,read_audit,prepare")
@@ -141,7 +143,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="measure --file as it is if it exists (implies --keep)")
     args = parser.parse_args()
 
-    versions = [] if args.only_before else [("after", ROOT / "src")]
+    versions = [] if args.only_before else [("after", args.after.resolve())]
     if args.before:
         versions.append(("before", args.before.resolve()))
     if not versions:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from hashlib import blake2b
 from typing import Any
 
 import numpy as np
@@ -28,24 +29,30 @@ _READ_COUNTS = {
 }
 
 
-def _conflicts(data: LabelledTexts) -> tuple[int, dict[str, dict[str, list[int]]]]:
+def _match_key(text: str) -> bytes:
+    """A 16-byte digest of the normalised text: equal for texts that match, 49 bytes per key in memory
+    instead of a second copy of every text (at 128 bits a false match is not a practical concern)."""
+    return blake2b(normalise_for_matching(text).encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def _conflicts(data: LabelledTexts) -> tuple[int, dict[bytes, dict[str, list[int]]]]:
     """(number of distinct normalised texts, normalised text -> label -> positions, for conflicts only).
 
     The first pass keeps one label per normalised text, not every position, so memory grows with the
     distinct texts only; positions are collected in a second pass for the (usually few) conflicts.
     """
-    first_label: dict[str, str] = {}
-    conflicted: set[str] = set()
+    first_label: dict[bytes, str] = {}
+    conflicted: set[bytes] = set()
     for text, label in zip(data.texts, data.labels, strict=True):
-        key = normalise_for_matching(text)
+        key = _match_key(text)
         if first_label.setdefault(key, label) != label:
             conflicted.add(key)
     distinct = len(first_label)
     del first_label
-    groups: dict[str, dict[str, list[int]]] = {}
+    groups: dict[bytes, dict[str, list[int]]] = {}
     if conflicted:
         for i, text in enumerate(data.texts):
-            key = normalise_for_matching(text)
+            key = _match_key(text)
             if key in conflicted:
                 groups.setdefault(key, defaultdict(list))[data.labels[i]].append(i)
     return distinct, groups
@@ -128,9 +135,9 @@ def audit_splits(
         return report
     others = {name: data for name, data in splits.items() if name != "train" and data is not None}
     # Held-out splits are the small ones: keep their keys and scan train, not the other way round.
-    keys = {name: [normalise_for_matching(text) for text in data.texts] for name, data in others.items()}
+    keys = {name: [_match_key(text) for text in data.texts] for name, data in others.items()}
     held_keys = {key for split_keys in keys.values() for key in split_keys}
-    in_train = {key for text in train.texts if (key := normalise_for_matching(text)) in held_keys}
+    in_train = {key for text in train.texts if (key := _match_key(text)) in held_keys}
     train_labels = set(train.labels)
     for name, data in others.items():
         leaked = [i for i, key in enumerate(keys[name]) if key in in_train]
@@ -155,8 +162,8 @@ def drop_conflicts(data: LabelledTexts) -> tuple[LabelledTexts, int]:
 
 def drop_leaked(train: LabelledTexts, others: list[LabelledTexts]) -> tuple[LabelledTexts, int]:
     """Drop train rows whose normalised text occurs in any of ``others`` (validation/test)."""
-    held_out = {normalise_for_matching(text) for data in others if data is not None for text in data.texts}
-    keep = [i for i, text in enumerate(train.texts) if normalise_for_matching(text) not in held_out]
+    held_out = {_match_key(text) for data in others if data is not None for text in data.texts}
+    keep = [i for i, text in enumerate(train.texts) if _match_key(text) not in held_out]
     return train.subset(keep), len(train) - len(keep)
 
 
