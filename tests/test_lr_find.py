@@ -110,3 +110,57 @@ def test_bad_target_module_fails_before_any_step(tiny_model_dir: Path, tiny_data
     with pytest.raises(ConfigError, match=r"finetune\.lora\.target_modules: 'no_such_layer'"):
         lr_range_test(validate_config(raw), steps=5, out_dir=tmp_path / "lr", show_progress=False)
     assert not (tmp_path / "lr").exists()
+
+
+def _range_losses(raw: dict, tmp_path: Path, name: str) -> list[float]:
+    config = validate_config(raw)
+    result = lr_range_test(config, min_lr=1e-2, max_lr=1e-1, steps=8, out_dir=tmp_path / name, show_progress=False)
+    return result.raw_losses
+
+
+ADALORA = {"r": 4, "target_r": 2, "tinit": 0.1, "tfinal": 0.3, "delta_t": 2, "target_modules": ["query", "value"]}
+
+
+@pytest.mark.parametrize(
+    ("section", "baseline", "changed"),
+    [
+        # Distillation: soft targets from a teacher instead of the labels alone.
+        ("distill", {"alpha": 0.0}, {"alpha": 1.0, "temperature": 2.0}),
+        # AdaLoRA's rank update after each step: a budget that prunes a quarter of the ranks, or three quarters.
+        ("finetune", {**ADALORA, "target_r": 3}, {**ADALORA, "target_r": 1}),
+        # AdaLoRA's orthogonality penalty, added once per step.
+        ("finetune", {**ADALORA, "orth_reg_weight": 0.0}, {**ADALORA, "orth_reg_weight": 2.0}),
+    ],
+    ids=["distillation", "adalora-rank-update", "adalora-penalty"],
+)
+def test_range_test_trains_with_the_training_loops_step(
+    tiny_model_dir: Path,
+    tiny_data: dict,
+    trained_tiny_run: Path,
+    tmp_path: Path,
+    section: str,
+    baseline: dict,
+    changed: dict,
+) -> None:
+    """Each pair differs only in a setting that the training step honours: the range test must see it too.
+
+    Same seed, same data, one thread: a range test that ignored the setting would give identical losses.
+    """
+    losses = {}
+    for name, options in (("baseline", baseline), ("changed", changed)):
+        raw = tiny_config(tiny_model_dir, tiny_data, tmp_path / "run")
+        if section == "distill":
+            raw["distill"] = {"teacher": str(trained_tiny_run), **options}
+        else:
+            raw["finetune"] = {"method": "adalora", "adalora": options}
+        losses[name] = _range_losses(raw, tmp_path, name)
+    assert losses["baseline"] != losses["changed"]
+
+
+def test_range_test_without_teacher_weight_matches_plain_training(
+    tiny_model_dir: Path, tiny_data: dict, trained_tiny_run: Path, tmp_path: Path
+) -> None:
+    # alpha 0 is the labels' cross-entropy alone: the teacher is looked up but weighs nothing.
+    plain = tiny_config(tiny_model_dir, tiny_data, tmp_path / "run")
+    distilled = {**plain, "distill": {"teacher": str(trained_tiny_run), "alpha": 0.0}}
+    assert _range_losses(plain, tmp_path, "plain") == _range_losses(distilled, tmp_path, "distilled")

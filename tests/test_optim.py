@@ -11,7 +11,7 @@ import torch
 
 from tuneforge.config import TrainConfig
 from tuneforge.errors import ConfigError
-from tuneforge.train.checkpoint import load_checkpoint, save_checkpoint
+from tuneforge.train.checkpoint import LoopState, load_checkpoint, save_checkpoint
 from tuneforge.train.optim import (
     ONE_CYCLE_DIV_FACTOR,
     ONE_CYCLE_FINAL_DIV_FACTOR,
@@ -174,9 +174,9 @@ def test_checkpoints_round_trip_every_optimizer(name: str, tmp_path: Path) -> No
 
     first, first_opt = build()
     train_steps(first, first_opt, range(3))
-    save_checkpoint(tmp_path / "ckpt", first, first_opt, {"step": 3})
+    save_checkpoint(tmp_path / "ckpt", first, first_opt, LoopState(step=3))
     resumed, resumed_opt = build()
-    assert load_checkpoint(tmp_path / "ckpt", resumed, resumed_opt).loop_state == {"step": 3}
+    assert load_checkpoint(tmp_path / "ckpt", resumed, resumed_opt).loop_state == LoopState(step=3)
     train_steps(resumed, resumed_opt, range(3, 6))
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)

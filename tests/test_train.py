@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +13,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from tests.conftest import tiny_config
+from tests.fault_injection import run_cli, run_cli_killed_at
 from tuneforge.config import validate_config
 from tuneforge.errors import ConfigError
-from tuneforge.train.loop import KILL_AT_STEP_ENV, auto_epochs, train
+from tuneforge.train.loop import auto_epochs, train
 
 
 def test_train_writes_a_complete_run_directory(tiny_model_dir: Path, tiny_data: dict, tmp_path: Path) -> None:
@@ -74,16 +72,6 @@ def test_early_stopping_stops_and_keeps_the_best(tiny_model_dir: Path, tiny_data
     assert info["steps"] == 4 and info["best_step"] == 2
 
 
-def _run_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tuneforge", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=300,
-    )
-
-
 @pytest.mark.parametrize("ema_decay", [None, 0.8], ids=["live-weights", "weight-average"])
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(
     tiny_model_dir: Path, tiny_data: dict, tmp_path: Path, ema_decay: float | None
@@ -96,20 +84,29 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(
         configs[name] = tmp_path / f"{name}.yaml"
         configs[name].write_text(yaml.safe_dump(raw))
 
-    straight = _run_cli(["train", str(configs["straight"]), "--no-progress"])
+    straight = run_cli(["train", str(configs["straight"]), "--no-progress"])
     assert straight.returncode == 0, straight.stderr
 
-    killed = _run_cli(["train", str(configs["killed"]), "--no-progress"], env={KILL_AT_STEP_ENV: "11"})
+    killed = run_cli_killed_at(11, ["train", str(configs["killed"]), "--no-progress"])
     assert killed.returncode == -signal.SIGKILL
-    assert (tmp_path / "killed" / "checkpoints" / "last" / "state.json").is_file()
-    assert not (tmp_path / "killed" / "metrics.json").exists()
-    state = json.loads((tmp_path / "killed" / "checkpoints" / "last" / "state.json").read_text())
+    # An interrupted run lives beside its target until it finishes.
+    assert not (tmp_path / "killed").exists()
+    partial = tmp_path / "killed.partial"
+    assert (partial / "checkpoints" / "last" / "state.json").is_file()
+    assert not (partial / "metrics.json").exists()
+    state = json.loads((partial / "checkpoints" / "last" / "state.json").read_text())
     assert state["loop"]["step"] == 8 and state["loop"]["epoch"] == 1  # last checkpoint before the kill
 
-    resumed = _run_cli(["train", str(configs["killed"]), "--resume", "--no-progress"])
+    resumed = run_cli(["train", str(configs["killed"]), "--resume", "--no-progress"])
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
+    assert not partial.exists(), "the finished run is swapped into place"
 
+    def files(run: Path) -> list[str]:
+        return sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+
+    assert files(tmp_path / "killed") == files(tmp_path / "straight")
+    assert not (tmp_path / "killed" / "checkpoints").exists()
     a = json.loads((tmp_path / "straight" / "metrics.json").read_text())
     b = json.loads((tmp_path / "killed" / "metrics.json").read_text())
     for split in ("validation", "test"):
@@ -127,8 +124,8 @@ def test_resume_refuses_a_changed_config(tiny_model_dir: Path, tiny_data: dict, 
     raw = tiny_config(tiny_model_dir, tiny_data, tmp_path / "run")
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
-    assert _run_cli(["train", str(path), "--no-progress"], env={KILL_AT_STEP_ENV: "5"}).returncode == -signal.SIGKILL
-    changed = _run_cli(["train", str(path), "--resume", "--no-progress", "--set", "train.learning_rate=0.1"])
+    assert run_cli_killed_at(5, ["train", str(path), "--no-progress"]).returncode == -signal.SIGKILL
+    changed = run_cli(["train", str(path), "--resume", "--no-progress", "--set", "train.learning_rate=0.1"])
     assert changed.returncode == 2
     assert "train.learning_rate: differs from the interrupted run" in changed.stderr
     assert "Traceback" not in changed.stderr

@@ -15,14 +15,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from tests.conftest import make_rows, tiny_config
-from tests.test_train import _run_cli
+from tests.fault_injection import run_cli, run_cli_killed_at
 from tuneforge.config import validate_config
 from tuneforge.errors import ConfigError
 from tuneforge.infer.evaluate import evaluate_file
 from tuneforge.infer.predictor import Predictor
 from tuneforge.models.runs import load_run_classifier
 from tuneforge.rundir import RunDir
-from tuneforge.train.loop import KILL_AT_STEP_ENV, train
+from tuneforge.train.loop import train
 
 SMALL = {
     "lora": {"r": 4},
@@ -96,10 +96,10 @@ def test_adalora_resume_after_sigkill_is_exact(tiny_model_dir: Path, tiny_data: 
         raw["train"]["epochs"] = 3
         configs[name] = tmp_path / f"{name}.yaml"
         configs[name].write_text(yaml.safe_dump(raw))
-    assert _run_cli(["train", str(configs["straight"]), "--no-progress"]).returncode == 0
-    killed = _run_cli(["train", str(configs["killed"]), "--no-progress"], env={KILL_AT_STEP_ENV: "11"})
+    assert run_cli(["train", str(configs["straight"]), "--no-progress"]).returncode == 0
+    killed = run_cli_killed_at(11, ["train", str(configs["killed"]), "--no-progress"])
     assert killed.returncode == -signal.SIGKILL
-    resumed = _run_cli(["train", str(configs["killed"]), "--resume", "--no-progress"])
+    resumed = run_cli(["train", str(configs["killed"]), "--resume", "--no-progress"])
     assert resumed.returncode == 0, resumed.stderr
     a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
@@ -111,12 +111,15 @@ def test_bad_target_module_fails_before_touching_the_run_dir(
 ) -> None:
     out = tmp_path / "run"
     out.mkdir()
-    (out / "keep.txt").write_text("earlier run")
+    earlier = {"labels.json": '["a", "b"]', "config.yaml": "earlier run"}
+    for name, text in earlier.items():
+        (out / name).write_text(text)
     raw = _method_config(tiny_model_dir, tiny_data, out, "adalora")
     raw["finetune"]["adalora"]["target_modules"] = ["query", "no_such_layer"]
     with pytest.raises(ConfigError, match=r"finetune\.adalora\.target_modules: 'no_such_layer' matches no"):
         train(validate_config(raw), overwrite=True, show_progress=False)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert {p.name: p.read_text() for p in out.iterdir()} == earlier
+    assert not (tmp_path / "run.partial").exists()
 
 
 @pytest.mark.parametrize(
@@ -184,14 +187,14 @@ def test_resumed_distillation_reuses_the_kept_teacher_logits(
         raw["distill"] = {"teacher": str(teacher_dir), "alpha": 0.7}
         configs[name] = tmp_path / f"{name}.yaml"
         configs[name].write_text(yaml.safe_dump(raw))
-    assert _run_cli(["train", str(configs["straight"]), "--no-progress"]).returncode == 0
-    killed = _run_cli(["train", str(configs["killed"]), "--no-progress"], env={KILL_AT_STEP_ENV: "11"})
+    assert run_cli(["train", str(configs["straight"]), "--no-progress"]).returncode == 0
+    killed = run_cli_killed_at(11, ["train", str(configs["killed"]), "--no-progress"])
     assert killed.returncode == -signal.SIGKILL
-    assert RunDir(tmp_path / "killed").teacher_logits_file.is_file()
+    assert RunDir(tmp_path / "killed.partial").teacher_logits_file.is_file()
 
     # Without the teacher's weights the resumed run can only have used the kept logits.
     shutil.rmtree(teacher_dir / "model")
-    resumed = _run_cli(["train", str(configs["killed"]), "--resume", "--no-progress"])
+    resumed = run_cli(["train", str(configs["killed"]), "--resume", "--no-progress"])
     assert resumed.returncode == 0, resumed.stderr
     assert "reusing the teacher's logits" in resumed.stderr
     a = load_file(tmp_path / "straight" / "model" / "model.safetensors")

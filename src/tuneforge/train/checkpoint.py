@@ -8,7 +8,7 @@ and swapped in, so a SIGKILL during the write leaves the previous checkpoint int
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,29 @@ OPTIMIZER_TENSORS = "optimizer.safetensors"
 STATE = "state.json"
 METHOD_PREFIX = "__method__."
 AVERAGE_PREFIX = "__average__."
+
+
+@dataclass
+class LoopState:
+    """Where the training loop stands: all of it goes into the checkpoint, as JSON."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # micro-batches of the current epoch consumed
+    step: int = 0  # optimizer steps taken
+    samples: int = 0
+    train_seconds: float = 0.0
+    best: float | None = None  # best validation score so far, and the step it was reached at
+    best_step: int | None = None
+    bad_evals: int = 0  # evaluations since the last improvement (early stopping)
+    done: bool = False  # stopped early
+
+    @classmethod
+    def from_json(cls, saved: Any) -> LoopState:
+        """The state ``asdict`` wrote; ValueError for anything else (e.g. another version's checkpoint)."""
+        names = {f.name for f in fields(cls)}
+        if not isinstance(saved, dict) or set(saved) != names:
+            raise ValueError(f"expected the keys {sorted(names)}")
+        return cls(**saved)
 
 
 def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -54,7 +77,7 @@ def save_checkpoint(
     folder: Path,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    loop_state: dict[str, Any],
+    loop_state: LoopState,
     method_state: dict[str, torch.Tensor] | None = None,
     weight_average: dict[str, torch.Tensor] | None = None,
 ) -> None:
@@ -68,7 +91,7 @@ def save_checkpoint(
         tensors.update({METHOD_PREFIX + key: value.contiguous() for key, value in (method_state or {}).items()})
         tensors.update({AVERAGE_PREFIX + key: value.contiguous() for key, value in (weight_average or {}).items()})
         save_file(tensors, str(staging / OPTIMIZER_TENSORS))
-        state = {"loop": loop_state, "optimizer": meta}
+        state = {"loop": asdict(loop_state), "optimizer": meta}
         (staging / STATE).write_text(json.dumps(state), encoding="utf-8")
 
     atomic_replace_dir(folder, write)
@@ -83,7 +106,7 @@ def has_checkpoint(folder: Path) -> bool:
 
 @dataclass
 class Checkpoint:
-    loop_state: dict[str, Any]
+    loop_state: LoopState
     method_state: dict[str, torch.Tensor]
     weight_average: dict[str, torch.Tensor]
 
@@ -100,6 +123,12 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     if not (folder / STATE).is_file():
         raise RunDirError(f"{folder.parent}: no checkpoint to resume from")
     state = json.loads((folder / STATE).read_text(encoding="utf-8"))
+    try:
+        loop_state = LoopState.from_json(state.get("loop"))
+    except ValueError:
+        raise RunDirError(
+            f"{folder / STATE}: written by another version of tuneforge; train again without --resume"
+        ) from None
     load_model(model, str(folder / WEIGHTS), strict=True)
     tensors = load_file(str(folder / OPTIMIZER_TENSORS))
     rng = tensors.pop("__rng_torch__")
@@ -107,4 +136,4 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     weight_average = _pop_prefixed(tensors, AVERAGE_PREFIX)
     optimizer.load_state_dict(_join_optimizer_state(tensors, state["optimizer"]))
     torch.set_rng_state(rng)
-    return Checkpoint(state["loop"], method_state, weight_average)
+    return Checkpoint(loop_state, method_state, weight_average)

@@ -3,7 +3,8 @@
 Train for a few dozen steps while the learning rate grows exponentially from tiny to huge, and watch
 the loss: flat while the lr is too small to matter, falling once it is large enough, then exploding
 once it is too large. A good peak lr lies well inside the falling part. The test trains a throw-away
-copy of the configured model with the configured optimizer, batch size, loss and regularizers, and
+copy of the configured model with the configured optimizer, batch size, loss and regularizers (the
+training loop's own ``train_step``: distillation, the method's extra loss and update, clipping), and
 writes only ``lr_find.json`` and ``lr_find.png`` into ``out_dir``: no run directory is touched.
 """
 
@@ -18,17 +19,15 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tuneforge.config import RunConfig, TrainConfig
 from tuneforge.data import prepare_data
-from tuneforge.data.batching import collate, encode_texts, length_grouped_batches
 from tuneforge.errors import ConfigError
 from tuneforge.files import atomic_write_json, atomic_write_with
 from tuneforge.models.loading import load_tokenizer
 from tuneforge.train.optim import set_learning_rate
-from tuneforge.train.regularize import regularized_backward
 from tuneforge.train.setup import trainable_model
+from tuneforge.train.step import encode_training_set, epoch_batches, progress_bar, teacher_pass, train_step
 
 JSON_NAME = "lr_find.json"
 PNG_NAME = "lr_find.png"
@@ -94,10 +93,7 @@ def suggest_learning_rate(lrs: list[float], smoothed: list[float]) -> float:
 def _step_groups(lengths: list[int], cfg: TrainConfig) -> Iterator[list[list[int]]]:
     """Optimizer steps' micro-batches, epoch after epoch, in the training loop's seeded order."""
     for epoch in count():
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        batches = length_grouped_batches(
-            lengths, cfg.batch_size, generator=generator, group_by_length=cfg.group_by_length
-        )
+        batches = epoch_batches(lengths, cfg, epoch)
         for start in range(0, len(batches), cfg.grad_accum_steps):
             yield batches[start : start + cfg.grad_accum_steps]
 
@@ -159,43 +155,24 @@ def lr_range_test(
     torch.manual_seed(tcfg.seed)
     model, optimizer = trainable_model(cfg, data.labels, total_steps=steps)
 
-    label_index = {name: i for i, name in enumerate(data.labels)}
-    train_ids = encode_texts(tokenizer, data.train.texts, cfg.model.max_length)
-    train_y = torch.tensor([label_index[y] for y in data.train.labels])
-    pad_id = tokenizer.pad_token_id or 0
-    step_groups = _step_groups([len(x) for x in train_ids], tcfg)
+    teacher_logits = None
+    if cfg.distill.teacher is not None:
+        teacher_logits = teacher_pass(cfg, data.train.texts, data.labels, console, show_progress)
+    train_set = encode_training_set(
+        cfg, tokenizer, data.train.texts, data.train.labels, data.labels, teacher_logits=teacher_logits
+    )
+    step_groups = _step_groups(train_set.lengths, tcfg)
 
     raw: list[float] = []
     smoothed: list[float] = []
     best = math.inf
     stopped_early = False
     model.train()
-    progress = Progress(
-        TextColumn("[bold]lr range test"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-        disable=not show_progress,
-    )
-    with progress:
-        task = progress.add_task("lr-find", total=steps, info="")
-        for lr in lrs:
+    with progress_bar(console, show_progress, remaining=False) as progress:
+        task = progress.add_task("lr range test", total=steps, info="")
+        for step, lr in enumerate(lrs):
             set_learning_rate(optimizer, lr / tcfg.learning_rate)
-            group = next(step_groups)
-            n_samples = sum(len(b) for b in group)
-            loss_sum = 0.0
-            for indices in group:
-                batch = collate([train_ids[i] for i in indices], pad_id)
-                loss = regularized_backward(model, batch, train_y[indices], tcfg, len(indices) / n_samples)
-                loss_sum += loss * len(indices)
-            if tcfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            loss = loss_sum / n_samples
+            loss = train_step(model, optimizer, next(step_groups), train_set, tcfg, step)
             if not math.isfinite(loss):
                 stopped_early = True
                 break
