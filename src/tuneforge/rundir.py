@@ -20,6 +20,11 @@
                            distillation only: the teacher's logits on the training texts, for a
                            resumed run; removed after success
 
+Training writes the run into RUN_DIR.partial beside it (checkpoints included) and renames it to RUN_DIR
+only once it has finished, so RUN_DIR is always either a complete run or untouched; an interrupted run
+stays in RUN_DIR.partial, where ``train --resume`` continues it. ``--overwrite`` replaces only a missing
+path, an empty folder or a run directory (``check_replaceable``).
+
 Later stages read a run through this module only, never through training code.
 """
 
