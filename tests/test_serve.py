@@ -238,10 +238,11 @@ def test_model_info(real_client: TestClient, tiny_run: Path) -> None:
         ({"text": "a", "texts": ["b"]}, "exactly one of 'text' or 'texts'"),
         ({"txt": "typo"}, "Extra inputs"),
         (["a list"], "valid dictionary"),
-        ({"text": ""}, "'text' is empty"),
-        ({"text": " \n\t "}, "'text' is empty"),
-        ({"texts": []}, "'texts' is empty"),
-        ({"texts": ["fine", ""]}, "'texts'[1] is empty"),
+        ({"text": ""}, "'text': empty text"),
+        ({"text": " \n\t "}, "'text': empty text"),
+        ({"text": None, "texts": ["b"]}, "'text': null is not allowed"),
+        ({"texts": []}, "'texts': List should have at least 1 item"),
+        ({"texts": ["fine", ""]}, "'texts'[1]: empty text"),
     ],
 )
 def test_bad_requests_are_422_with_a_clear_message(real_client: TestClient, payload: Any, fragment: str) -> None:
@@ -258,16 +259,20 @@ def test_malformed_json_is_422(real_client: TestClient) -> None:
     assert response.json()["detail"][0]["type"] == "json_invalid"
 
 
-def test_too_many_texts_is_413(real_client: TestClient) -> None:
+def test_too_many_texts_is_422(real_client: TestClient) -> None:
     response = real_client.post("/v1/classify", json={"texts": ["fine"] * 9})
-    assert response.status_code == 413
-    assert response.json()["detail"] == "9 texts in one request; the limit is 8: split it"
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "texts"]
+    assert error["msg"] == "9 texts in one request; the limit is 8: split it"
 
 
-def test_too_long_text_is_413(real_client: TestClient) -> None:
+def test_too_long_text_is_422(real_client: TestClient) -> None:
     response = real_client.post("/v1/classify", json={"texts": ["fine", "x" * 101]})
-    assert response.status_code == 413
-    assert response.json()["detail"] == "'texts'[1] has 101 characters; the limit is 100 per text"
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "texts", 1]
+    assert error["msg"] == "'texts'[1] has 101 characters; the limit is 100 per text"
 
 
 def test_too_long_text_is_cut_when_truncation_is_on() -> None:
@@ -278,6 +283,11 @@ def test_too_long_text_is_cut_when_truncation_is_on() -> None:
     assert [p["truncated"] for p in body["predictions"]] == [True, False]
     # The fake's answer depends on the length it saw: 10 characters, not 25.
     assert body["predictions"][0]["label"] == LABELS[10 % 3]
+    # Truncation has a bound too: ten times the limit.
+    with fake_client(model, max_chars=10, truncate=True) as client:
+        wait_ready(client)
+        response = client.post("/v1/classify", json={"text": "x" * 101})
+    assert response.status_code == 422 and "the limit is 100 per text" in response.json()["detail"][0]["msg"]
 
 
 def test_oversized_body_is_413_before_it_is_read() -> None:
@@ -386,7 +396,6 @@ def test_api_key_protects_the_api_but_not_health_or_ready() -> None:
         assert client.post("/v1/classify", json={"text": "x"}, headers=bearer).status_code == 200
         assert client.get("/metrics", headers=bearer).status_code == 200
         assert client.get("/health").status_code == 200 and client.get("/ready").status_code == 200
-        assert client.get("/").status_code == 200
 
 
 def test_cli_takes_the_api_key_from_the_environment(monkeypatch: pytest.MonkeyPatch, tiny_run: Path) -> None:
@@ -590,8 +599,7 @@ def test_invalid_content_length_is_400() -> None:
 
 
 def test_worker_processes_rebuild_the_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tuneforge.serve.app import app_from_env
-    from tuneforge.serve.server import prepare_settings
+    from tuneforge.serve.server import app_from_env, prepare_settings
     from tuneforge.serve.settings import SETTINGS_ENV
 
     settings = settings_for(max_batch_size=7, cors_origins=("https://a.example",), api_key=KEY, truncate=True)
@@ -796,7 +804,18 @@ def test_serve_cli_runs_and_stops_cleanly_on_sigterm(tiny_run: Path) -> None:
     port = free_port()
     env = {**os.environ, "TUNEFORGE_API_KEY": KEY}
     process = subprocess.Popen(
-        [sys.executable, "-m", "tuneforge", "serve", str(tiny_run), "--port", str(port), "--threads", "1"],
+        [
+            sys.executable,
+            "-m",
+            "tuneforge",
+            "serve",
+            str(tiny_run),
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+            "--public-docs",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

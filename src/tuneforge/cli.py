@@ -104,9 +104,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, default=1.0, help="how long a text may wait for others to batch with")
     p.add_argument("--max-queue", type=int, default=1024, help="texts waiting at most; beyond: 503 + Retry-After")
     p.add_argument("--max-texts", type=int, default=64, help="texts per request at most (else 413)")
-    p.add_argument("--max-chars", type=int, default=2000, help="characters per text at most (else 413)")
-    p.add_argument("--truncate", action="store_true", help="cut texts longer than --max-chars instead of a 413")
-    p.add_argument("--api-key", help="require this key (Authorization: Bearer KEY or X-API-Key); env TUNEFORGE_API_KEY")
+    p.add_argument("--max-chars", type=int, default=2000, help="characters per text at most (else 422)")
+    p.add_argument(
+        "--truncate", action="store_true", help="cut texts longer than --max-chars (up to 10x) instead of a 422"
+    )
+    p.add_argument(
+        "--api-key",
+        help="require this key (Authorization: Bearer KEY or X-API-Key); visible in `ps`: prefer env "
+        "TUNEFORGE_API_KEY or --api-key-file",
+    )
+    p.add_argument("--api-key-file", type=Path, help="require the key written in this file (its first line)")
+    p.add_argument(
+        "--public-docs", action="store_true", help="with a key: leave the playground, /docs and /openapi.json open"
+    )
+    p.add_argument(
+        "--request-timeout", type=float, default=30.0, help="seconds a request may wait and run (then 503/504)"
+    )
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish accepted work on shutdown")
     p.add_argument(
         "--cors-origin", dest="cors_origins", action="append", default=[], help="allow this browser origin (repeatable)"
     )
@@ -252,8 +266,11 @@ def _cmd_predict(args: argparse.Namespace, console: Console) -> int:
 
 def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
     from tuneforge.serve.server import run_server
-    from tuneforge.serve.settings import API_KEY_ENV, ServeSettings
+    from tuneforge.serve.settings import API_KEY_ENV, ServeSettings, read_api_key_file
 
+    if args.api_key and args.api_key_file:
+        raise TuneforgeError("--api-key-file: give the key once, either it or --api-key")
+    api_key = args.api_key or (read_api_key_file(args.api_key_file) if args.api_key_file else None)
     settings = ServeSettings(
         run_dir=args.run_dir,
         host=args.host,
@@ -265,10 +282,13 @@ def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
         max_texts_per_request=args.max_texts,
         max_chars=args.max_chars,
         truncate=args.truncate,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        api_key=api_key or os.environ.get(API_KEY_ENV) or None,
+        public_docs=args.public_docs,
         cors_origins=tuple(args.cors_origins),
         form=args.form,
         threads=args.threads,
+        request_timeout_s=args.request_timeout,
+        drain_timeout_s=args.drain_timeout,
         log_level=args.log_level,
     )
     return run_server(settings, console=console)

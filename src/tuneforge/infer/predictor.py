@@ -10,6 +10,7 @@ import yaml
 
 from tuneforge.data.batching import encode_texts
 from tuneforge.data.cleaning import clean_text
+from tuneforge.errors import RunDirError
 from tuneforge.models.loading import softmax
 from tuneforge.models.runs import load_run_backend
 from tuneforge.rundir import RunDir, open_run_dir
@@ -29,6 +30,15 @@ class Prediction:
         }
 
 
+def check_label_count(run: RunDir, labels: list[str], outputs: int) -> None:
+    """A labels.json that does not match the model would mislabel every answer, or fail each one."""
+    if outputs != len(labels):
+        raise RunDirError(
+            f"{run.labels_file}: {len(labels)} labels, but the model in {run.path} has {outputs} outputs; "
+            "the labels file does not belong to this model"
+        )
+
+
 class Predictor:
     """Classify texts with a trained run: the same cleaning and truncation as in training."""
 
@@ -46,6 +56,7 @@ class Predictor:
             torch.set_num_threads(threads)
         self.labels = self.run.labels()
         self.classifier, self.tokenizer, self.form = load_run_backend(self.run, form=form, threads=threads, spin=spin)
+        check_label_count(self.run, self.labels, self.classifier.num_labels)
         saved = (
             yaml.safe_load(self.run.config_file.read_text(encoding="utf-8")) if self.run.config_file.exists() else {}
         )

@@ -1,23 +1,24 @@
 """The HTTP app: classification with dynamic batching, health, readiness, metrics, playground, docs.
 
 The model loads in a background thread after startup, so the process answers /health at once and
-/ready says 503 until the model is warm. Every response carries the request id (``X-Request-ID``,
-taken from the request or generated); errors are JSON ``{"detail", "request_id"}`` and never
-contain a stack trace.
+/ready says 503 until the model is warm (and again while the model is stuck in one call). Every
+response carries the request id (``X-Request-ID``, taken from the request or generated); errors are
+JSON ``{"detail", "request_id"}`` and never contain a stack trace.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` in this module: FastAPI reads the classify route's body type
+# when the route is declared, and that type is made per app (its limits come from the settings).
 
 import asyncio
 import importlib.util
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request, Security
@@ -27,19 +28,39 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tuneforge
-from tuneforge.serve.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
+from tuneforge.errors import TuneforgeError
+from tuneforge.serve.batcher import (
+    BatcherClosedError,
+    DynamicBatcher,
+    InferenceTimeoutError,
+    QueueFullError,
+    QueueTimeoutError,
+)
 from tuneforge.serve.metrics import ServeMetrics
 from tuneforge.serve.middleware import INTERNAL_ERROR, RequestContextMiddleware, error_response, request_id_of
 from tuneforge.serve.model import ServableModel, describe_model, load_predictor
-from tuneforge.serve.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, ModelInfo
+from tuneforge.serve.schemas import ClassifyResponse, ErrorResponse, ModelInfo, classify_request_model
 from tuneforge.serve.settings import ServeSettings
 
 logger = logging.getLogger("tuneforge.serve")
 
 ModelFactory = Callable[[ServeSettings], ServableModel]
+# A validation answer lists this many errors at most: where and what, enough to fix the request.
+MAX_ERRORS = 5
+# Not sent to anyone (the client has gone); it only labels the request in the metrics, as nginx does.
+CLIENT_GONE = 499
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "loading", "failed", "stuck", "shutting down"]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
 
 
 class ApiError(Exception):
@@ -66,8 +87,23 @@ class ServeState:
         self.shutting_down = False
 
     @property
+    def stuck(self) -> bool:
+        """The model has been in one call for longer than any request may take: something hangs."""
+        return self.batcher is not None and self.batcher.busy_for > self.settings.request_timeout_s
+
+    @property
     def ready(self) -> bool:
-        return self.model is not None and not self.shutting_down
+        return self.model is not None and not self.shutting_down and not self.stuck
+
+    @property
+    def status(self) -> str:
+        if self.shutting_down:
+            return "shutting down"
+        if self.load_error is not None:
+            return "failed"
+        if self.model is None:
+            return "loading"
+        return "stuck" if self.stuck else "ready"
 
     def infer(self, texts: list[str]) -> np.ndarray:
         assert self.model is not None  # submit() is only reached once the model is ready
@@ -81,8 +117,11 @@ class ServeState:
             model.predict_proba(["warm up"])
             info = describe_model(self.settings, model)
         except Exception as exc:
-            logger.exception("the model could not be loaded")
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if isinstance(exc, TuneforgeError):  # a problem with the run directory, said in one line
+                logger.error("the model could not be loaded: %s", message)
+            else:
+                logger.exception("the model could not be loaded")
             self._call_in_loop(loop, self._failed, message)
             return
         self._call_in_loop(loop, self._loaded, model, info)
@@ -106,12 +145,55 @@ class ServeState:
 
 def _not_ready(state: ServeState) -> ApiError:
     retry = {"Retry-After": str(state.settings.retry_after_s)}
-    if state.shutting_down:
+    status = state.status
+    if status == "shutting down":
         return ApiError(503, "the server is shutting down", retry)
-    if state.load_error is not None:
+    if status == "failed":
         # The reason (often a server path) goes to the server log, not to clients.
         return ApiError(503, "the model failed to load; see the server log")
+    if status == "stuck":
+        busy = state.batcher.busy_for if state.batcher else 0.0
+        return ApiError(503, f"the model has not answered for {busy:.0f} s; retry later", retry)
     return ApiError(503, "the model is still loading; retry shortly", retry)
+
+
+def _field(loc: Sequence[Any]) -> str | None:
+    """``'texts'[2]`` for the location ("body", "texts", 2); None for the body as a whole."""
+    parts = list(loc[1:]) if loc and loc[0] == "body" else list(loc)
+    if not parts or not isinstance(parts[0], str):
+        return None
+    return f"'{parts[0]}'" + "".join(f"[{part}]" for part in parts[1:])
+
+
+def _error_item(error: dict[str, Any]) -> dict[str, Any]:
+    """One validation error as where and what, never the input (it could be megabytes)."""
+    loc = list(error.get("loc", ()))
+    kind = str(error.get("type", ""))
+    message = str(error.get("msg", "")).removeprefix("Value error, ")
+    limits = error.get("ctx") or {}
+    where = _field(loc)
+    if kind == "too_long" and where == "'texts'":
+        message = (
+            f"{limits.get('actual_length')} texts in one request; the limit is {limits.get('max_length')}: split it"
+        )
+    elif kind == "string_too_long" and where is not None:
+        given = error.get("input")
+        length = f" has {len(given)} characters;" if isinstance(given, str) else ":"
+        message = f"{where}{length} the limit is {limits.get('max_length')} per text"
+    elif kind == "string_unicode" and where is not None:
+        message = f"{where}: not valid Unicode (a lone surrogate such as \\ud800): send UTF-8 text"
+    elif where is not None:
+        message = f"{where}: {message}"
+    return {"loc": loc, "msg": message, "type": kind}
+
+
+def validation_errors(errors: Sequence[dict[str, Any]], limit: int = MAX_ERRORS) -> list[dict[str, Any]]:
+    """The first ``limit`` errors, and a last item saying how many more there were."""
+    shown = [_error_item(error) for error in errors[:limit]]
+    if len(errors) > limit:
+        more = len(errors) - limit
+        shown.append({"loc": [], "msg": f"and {more} more error{'s' if more > 1 else ''}", "type": "more_errors"})
+    return shown
 
 
 def _rank(probabilities: np.ndarray, labels: list[str], top_k: int) -> list[list[tuple[str, float]]]:
@@ -142,7 +224,7 @@ def create_app(settings: ServeSettings, *, model_factory: ModelFactory | None = 
     state = ServeState(settings, model_factory or load_predictor)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         state.batcher = DynamicBatcher(
             state.infer,
             max_batch_size=settings.max_batch_size,
@@ -164,6 +246,7 @@ def create_app(settings: ServeSettings, *, model_factory: ModelFactory | None = 
             state.shutting_down = True
             state.metrics.model_ready.set(0)
             await state.batcher.close(timeout_s=settings.drain_timeout_s)
+            state.metrics.process_exiting()
 
     swagger_dir = _swagger_static_dir()
     app = FastAPI(
@@ -187,16 +270,11 @@ def create_app(settings: ServeSettings, *, model_factory: ModelFactory | None = 
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # Only where and what: echoing the input back could return megabytes of text.
-        errors = [
-            {
-                "loc": list(err.get("loc", ())),
-                "msg": str(err.get("msg", "")).removeprefix("Value error, "),
-                "type": str(err.get("type", "")),
-            }
-            for err in exc.errors()
-        ]
-        return error_response(422, errors, request_id_of(request))
+        errors = exc.errors()
+        for reason, kind in (("too_many_texts", "too_long"), ("text_too_long", "string_too_long")):
+            if any(error.get("type") == kind for error in errors):
+                state.metrics.rejected.labels(reason).inc()
+        return error_response(422, validation_errors(errors), request_id_of(request))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -210,48 +288,50 @@ def create_app(settings: ServeSettings, *, model_factory: ModelFactory | None = 
     api_key_doc = APIKeyHeader(name="X-API-Key", auto_error=False)
     bearer_doc = HTTPBearer(auto_error=False)
     secured = [Security(api_key_doc), Security(bearer_doc)] if settings.api_key else []
-    errors: dict[int | str, dict[str, Any]] = {
-        code: {"model": ErrorResponse} for code in (401, 413, 422, 500, 503) if code != 401 or settings.api_key
-    }
+
+    def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
+        # With a key, every route but the open ones may answer 401.
+        return {code: {"model": ErrorResponse} for code in (*codes, 500, *((401,) if settings.api_key else ()))}
+
+    request_model = classify_request_model(max_texts=settings.max_texts_per_request, max_chars=settings.text_limit)
 
     @app.post(
         "/v1/classify",
         response_model=ClassifyResponse,
-        responses=errors,
+        responses=documented(400, 413, 422, 503, 504),
         dependencies=secured,
         summary="Classify one text or a list of texts",
     )
-    async def classify(body: ClassifyRequest, request: Request) -> Response:
+    async def classify(body: request_model, request: Request) -> Response:  # type: ignore[valid-type]
         rid = request_id_of(request)
         if not state.ready or state.batcher is None or state.model is None:
             state.metrics.rejected.labels("not_ready").inc()
             raise _not_ready(state)
         texts = body.as_list()
-        if len(texts) > settings.max_texts_per_request:
-            state.metrics.rejected.labels("too_many_texts").inc()
-            raise ApiError(
-                413, f"{len(texts)} texts in one request; the limit is {settings.max_texts_per_request}: split it"
-            )
+        # Longer than --max-chars passes validation only with --truncate (up to its own limit).
         truncated = [len(text) > settings.max_chars for text in texts]
         if any(truncated):
-            if not settings.truncate:
-                index = truncated.index(True)
-                where = "'text'" if body.text is not None else f"'texts'[{index}]"
-                state.metrics.rejected.labels("text_too_long").inc()
-                raise ApiError(
-                    413, f"{where} has {len(texts[index])} characters; the limit is {settings.max_chars} per text"
-                )
             texts = [text[: settings.max_chars] for text in texts]
+        retry = {"Retry-After": str(settings.retry_after_s)}
         try:
-            probabilities = await state.batcher.submit(texts)
+            probabilities = await _unless_client_leaves(
+                request, state.batcher.submit(texts, timeout_s=settings.request_timeout_s)
+            )
         except QueueFullError:
             state.metrics.rejected.labels("queue_full").inc()
-            raise ApiError(
-                503, "the server is busy (queue full); retry shortly", {"Retry-After": str(settings.retry_after_s)}
-            ) from None
+            raise ApiError(503, "the server is busy (queue full); retry shortly", retry) from None
         except BatcherClosedError:
             state.metrics.rejected.labels("shutting_down").inc()
             raise _not_ready(state) from None
+        except QueueTimeoutError as exc:
+            state.metrics.rejected.labels("deadline_in_queue").inc()
+            raise ApiError(503, f"the server is overloaded: the request {exc}; retry shortly", retry) from None
+        except InferenceTimeoutError as exc:
+            state.metrics.rejected.labels("deadline_in_model").inc()
+            raise ApiError(504, str(exc)) from None
+        if probabilities is None:
+            state.metrics.rejected.labels("client_gone").inc()
+            return Response(status_code=CLIENT_GONE)
         ranked = _rank(probabilities, state.model.labels, body.top_k)
         predictions = [
             {
@@ -273,24 +353,37 @@ def create_app(settings: ServeSettings, *, model_factory: ModelFactory | None = 
         # re-validating it against the response model would cost time on every request.
         return JSONResponse(content)
 
-    @app.get("/v1/model", response_model=ModelInfo, responses=errors, dependencies=secured, summary="Model details")
+    @app.get(
+        "/v1/model", response_model=ModelInfo, responses=documented(503), dependencies=secured, summary="Model details"
+    )
     async def model_info() -> dict[str, Any]:
         if state.info is None or not state.ready:
             raise _not_ready(state)
         return state.info
 
-    @app.get("/health", summary="Liveness: the process answers")
+    @app.get("/health", response_model=Health, summary="Liveness: the process answers")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready", summary="Readiness: the model is loaded and the server accepts work", responses={503: {}})
+    @app.get(
+        "/ready",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "loading, failed, stuck or shutting down"}},
+        summary="Readiness: the model is loaded, answering, and the server accepts work",
+    )
     async def ready() -> JSONResponse:
-        if state.ready:
-            return JSONResponse({"status": "ready"})
-        status = "shutting down" if state.shutting_down else "failed" if state.load_error else "loading"
+        status = state.status
+        if status == "ready":
+            return JSONResponse({"status": status})
         return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": str(settings.retry_after_s)})
 
-    @app.get("/metrics", dependencies=secured, summary="Prometheus metrics", response_class=Response)
+    @app.get(
+        "/metrics",
+        dependencies=secured,
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **documented()},
+    )
     async def metrics() -> Response:
         if state.batcher is not None:
             state.metrics.queue_depth.set(state.batcher.queued_texts)
@@ -322,7 +415,7 @@ def create_app(settings: ServeSettings, *, model_factory: ModelFactory | None = 
             )
 
     # Middleware: the last added runs first. CORS outermost, so preflight requests never need a key.
-    app.add_middleware(RequestContextMiddleware, state=state)
+    app.add_middleware(RequestContextMiddleware, settings=settings, metrics=state.metrics)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -334,10 +427,25 @@ def create_app(settings: ServeSettings, *, model_factory: ModelFactory | None = 
     return app
 
 
-def app_from_env() -> FastAPI:
-    """App factory for uvicorn worker processes (``--workers N``): settings come from the environment."""
-    from tuneforge.serve.server import configure_logging
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has closed the connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
-    settings = ServeSettings.from_env()
-    configure_logging(settings.log_level)
-    return create_app(settings)
+
+async def _unless_client_leaves(request: Request, work: Any) -> np.ndarray | None:
+    """The result of ``work``, or None if the client goes away first (``work`` is then cancelled,
+    which takes a still-queued request out of the queue: nobody would read its answer)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})  # let the cancellation withdraw the request from the queue
+    if task.cancelled():
+        return None
+    result: np.ndarray = task.result()
+    return result

@@ -8,6 +8,12 @@ batches come from: the oldest text has waited long enough by the time the model 
 waits on purpose; ``max_wait`` only holds back a text that finds the model idle, to gather a burst.
 A full queue refuses new work at once (the caller answers 503 + Retry-After) instead of letting
 latency grow without bound. Closing stops new work and finishes everything already accepted.
+
+One request's texts never fail another's: when a batch raises, its requests are run again one by
+one, so that only the request that caused the error gets it. A request has a deadline: past it, a
+request still queued is withdrawn (:class:`QueueTimeoutError`) and one in the model is answered
+without waiting further (:class:`InferenceTimeoutError`); a model call that takes far longer than
+any deadline shows in :attr:`DynamicBatcher.busy_for`, which readiness checks.
 """
 
 from __future__ import annotations
@@ -37,11 +43,20 @@ class BatcherClosedError(Exception):
     """The server is shutting down and accepts no new work."""
 
 
+class QueueTimeoutError(Exception):
+    """The request waited its whole deadline in the queue; the model never saw it."""
+
+
+class InferenceTimeoutError(Exception):
+    """The request's batch was still in the model at its deadline."""
+
+
 @dataclass
 class _Pending:
     texts: list[str]
     future: asyncio.Future[np.ndarray]
     enqueued: float = field(default_factory=time.monotonic)
+    started: bool = False  # taken into a batch: the model has (or is about to have) its texts
 
 
 class DynamicBatcher:
@@ -66,6 +81,7 @@ class DynamicBatcher:
         self._closing = False
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._busy_since: float | None = None  # when the model call in progress started
         # One thread: the model already uses every core it was given; two calls at once would only
         # fight over them. A thread (not the loop) so that the loop stays responsive.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuneforge-model")
@@ -78,14 +94,23 @@ class DynamicBatcher:
     def closing(self) -> bool:
         return self._closing
 
+    @property
+    def busy_for(self) -> float:
+        """Seconds the model call in progress has taken so far; 0 when the model is idle."""
+        return 0.0 if self._busy_since is None else time.monotonic() - self._busy_since
+
     def start(self) -> None:
         """Start the collector on the running event loop."""
         if self._task is None:
             self._wakeup = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._collect(), name="tuneforge-batcher")
 
-    async def submit(self, texts: list[str]) -> np.ndarray:
-        """Probabilities for ``texts`` (one row each), once their batch has run."""
+    async def submit(self, texts: list[str], *, timeout_s: float | None = None) -> np.ndarray:
+        """Probabilities for ``texts`` (one row each), once their batch has run.
+
+        ``timeout_s``: the deadline, queueing and inference together; past it this raises
+        :class:`QueueTimeoutError` or :class:`InferenceTimeoutError`.
+        """
         if self._closing:
             raise BatcherClosedError("shutting down")
         if self._task is None or self._wakeup is None:
@@ -98,9 +123,28 @@ class DynamicBatcher:
         self._queue.append(pending)
         self._set_depth(self._queued_texts + len(texts))
         self._wakeup.set()
-        # A caller that is cancelled (client gone) cancels only its own future; the collector then
-        # skips it, and a batch it was part of still answers everyone else.
-        return await pending.future
+        # A caller that is cancelled (client gone) or out of time cancels only its own future (wait_for
+        # does that); its texts leave the queue, and a batch it was part of still answers everyone else.
+        try:
+            return await asyncio.wait_for(pending.future, timeout_s)
+        except TimeoutError:
+            if pending.started:
+                raise InferenceTimeoutError(f"the model did not answer within {timeout_s:g} s") from None
+            self._withdraw(pending)
+            raise QueueTimeoutError(f"waited {timeout_s:g} s in the queue") from None
+        except asyncio.CancelledError:
+            self._withdraw(pending)
+            raise
+
+    def _withdraw(self, pending: _Pending) -> None:
+        """Take a request nobody waits for out of the queue (if it is still there)."""
+        if pending.started:
+            return
+        try:
+            self._queue.remove(pending)
+        except ValueError:
+            return
+        self._set_depth(self._queued_texts - len(pending.texts))
 
     async def close(self, timeout_s: float | None = None) -> None:
         """Refuse new work, finish all accepted work (up to ``timeout_s``), then stop."""
@@ -175,30 +219,55 @@ class DynamicBatcher:
             taken += len(head.texts)
             if head.future.done():  # its caller was cancelled; nobody wants the answer
                 continue
+            head.started = True
             batch.append(head)
             size += len(head.texts)
         self._set_depth(self._queued_texts - taken)
         return batch
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
-        texts = [text for pending in batch for text in pending.texts]
+        try:
+            results = await self._call(loop, [text for pending in batch for text in pending.texts])
+        except Exception as exc:
+            if len(batch) == 1:
+                self._answer(batch[0], exc)
+                return
+            # One bad text must not fail the other requests of its batch: find it by running each alone.
+            logger.warning("a batch of %d requests failed (%s); running them one by one", len(batch), exc)
+            for pending in batch:
+                if pending.future.done():
+                    continue
+                try:
+                    self._answer(pending, await self._call(loop, pending.texts))
+                except Exception as single:
+                    self._answer(pending, single)
+            return
+        offset = 0
+        for pending in batch:
+            self._answer(pending, results[offset : offset + len(pending.texts)])
+            offset += len(pending.texts)
+
+    async def _call(self, loop: asyncio.AbstractEventLoop, texts: list[str]) -> np.ndarray:
+        """One model call in the model thread: probabilities, one row per text."""
         started = time.perf_counter()
+        self._busy_since = time.monotonic()
         try:
             probabilities = np.asarray(await loop.run_in_executor(self._executor, self._infer, texts))
-            if probabilities.ndim != 2 or probabilities.shape[0] != len(texts):
-                raise RuntimeError(f"model returned shape {probabilities.shape} for {len(texts)} texts")
-        except Exception as exc:
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(exc)
-            return
+        finally:
+            self._busy_since = None
+        if probabilities.ndim != 2 or probabilities.shape[0] != len(texts):
+            raise RuntimeError(f"model returned shape {probabilities.shape} for {len(texts)} texts")
         if self._metrics is not None:
             self._metrics.batch_seconds.observe(time.perf_counter() - started)
             self._metrics.batch_size.observe(len(texts))
             self._metrics.texts.inc(len(texts))
-        offset = 0
-        for pending in batch:
-            rows = probabilities[offset : offset + len(pending.texts)]
-            offset += len(pending.texts)
-            if not pending.future.done():
-                pending.future.set_result(rows)
+        return probabilities
+
+    @staticmethod
+    def _answer(pending: _Pending, result: np.ndarray | Exception) -> None:
+        if pending.future.done():  # its caller has gone or timed out
+            return
+        if isinstance(result, Exception):
+            pending.future.set_exception(result)
+        else:
+            pending.future.set_result(result)

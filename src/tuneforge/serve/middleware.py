@@ -12,21 +12,26 @@ import logging
 import re
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+# The function Starlette's router matches routes with: the key check sees the path the router sees,
+# whatever --root-path or mount prefix the app runs under.
+from starlette._utils import get_route_path
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-if TYPE_CHECKING:
-    from tuneforge.serve.app import ServeState
+from tuneforge.serve.metrics import ServeMetrics
+from tuneforge.serve.settings import ServeSettings
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A client's id is echoed into headers and logs, so only a short, plain token is taken as is.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-_OPEN_PATHS = ("/health", "/ready")
+# With an API key, everything else needs it: a route added later is protected without a thought.
+# Liveness and readiness stay open for orchestrators; they answer only "ok", "ready" or why not.
+OPEN_PATHS = frozenset({"/health", "/ready"})
 INTERNAL_ERROR = "internal server error; quote the request id when reporting it"
 logger = logging.getLogger("tuneforge.serve")
 
@@ -54,10 +59,15 @@ def verify_api_key(given: str | None, expected: str | None) -> bool:
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
 
-def _needs_key(path: str) -> bool:
-    # The API and the metrics are protected; liveness/readiness stay open for orchestrators, and the
-    # playground page and docs are static (they carry no data; their calls to the API need the key).
-    return path.startswith("/v1/") or path == "/metrics"
+def is_open_path(path: str, *, public_docs: bool) -> bool:
+    """Whether ``path`` (the route path, without any root path) is answered without the API key.
+
+    ``public_docs``: the playground page, /docs and /openapi.json too; they hold no data, and their
+    calls to the API still need the key.
+    """
+    if path in OPEN_PATHS:
+        return True
+    return public_docs and (path in ("/", "/docs", "/openapi.json") or path.startswith("/docs/"))
 
 
 def _given_key(headers: Headers) -> str | None:
@@ -68,9 +78,10 @@ def _given_key(headers: Headers) -> str | None:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, state: ServeState) -> None:
+    def __init__(self, app: ASGIApp, settings: ServeSettings, metrics: ServeMetrics) -> None:
         self.app = app
-        self.state = state
+        self.settings = settings
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -109,11 +120,10 @@ class RequestContextMiddleware:
             self._record(scope, status, time.perf_counter() - started)
 
     def _reject(self, scope: Scope, headers: Headers, rid: str) -> JSONResponse | None:
-        settings = self.state.settings
-        path: str = scope["path"]
-        if settings.api_key is not None and _needs_key(path) and path not in _OPEN_PATHS:
+        settings = self.settings
+        if settings.api_key is not None and not is_open_path(get_route_path(scope), public_docs=settings.public_docs):
             if not verify_api_key(_given_key(headers), settings.api_key):
-                self.state.metrics.rejected.labels("unauthorized").inc()
+                self.metrics.rejected.labels("unauthorized").inc()
                 return error_response(
                     401,
                     "missing or wrong API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
@@ -125,7 +135,7 @@ class RequestContextMiddleware:
             if not length.isdigit():
                 return error_response(400, "invalid Content-Length header", rid)
             if int(length) > settings.body_limit:
-                self.state.metrics.rejected.labels("body_too_large").inc()
+                self.metrics.rejected.labels("body_too_large").inc()
                 return error_response(
                     413, f"request body of {int(length)} bytes exceeds the limit of {settings.body_limit} bytes", rid
                 )
@@ -133,7 +143,7 @@ class RequestContextMiddleware:
 
     def _limited(self, receive: Receive) -> Receive:
         """``receive`` that stops a body sent without Content-Length (chunked) at the size limit."""
-        limit = self.state.settings.body_limit
+        limit = self.settings.body_limit
         seen = 0
 
         async def receive_limited() -> Message:
@@ -142,7 +152,7 @@ class RequestContextMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    self.state.metrics.rejected.labels("body_too_large").inc()
+                    self.metrics.rejected.labels("body_too_large").inc()
                     # FastAPI re-raises an HTTPException met while reading the body, so this is a 413.
                     raise HTTPException(413, f"request body exceeds the limit of {limit} bytes")
             return message
@@ -152,7 +162,9 @@ class RequestContextMiddleware:
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
         route = scope.get("route")
         # The route template, never the raw path: unknown paths must not create new time series.
-        label = getattr(route, "path", None) or ("/docs/static" if scope["path"].startswith("/docs/") else "unmatched")
-        metrics = self.state.metrics
+        label = getattr(route, "path", None) or (
+            "/docs/static" if get_route_path(scope).startswith("/docs/") else "unmatched"
+        )
+        metrics = self.metrics
         metrics.requests.labels(label, scope.get("method", ""), str(status)).inc()
         metrics.latency.labels(label).observe(seconds)

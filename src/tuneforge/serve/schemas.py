@@ -1,8 +1,55 @@
-"""Request and response bodies of the HTTP API (they also make the OpenAPI schema at /docs)."""
+"""Request and response bodies of the HTTP API (they also make the OpenAPI schema at /docs).
+
+The request's limits depend on the server's settings, so each app makes its own request model
+(:func:`classify_request_model`): the published schema then states exactly what the server accepts,
+limits and the one-of rule included, and a request that the schema allows is never refused.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+# In the schema, a text must contain a non-whitespace character; Python's \S is exactly the
+# complement of what str.strip() removes, so the schema and check_text agree on every character.
+NON_BLANK = r"\S"
+
+
+def check_text(value: str) -> str:
+    """A text the model can take: not blank, and valid Unicode (no lone surrogate such as \\ud800)."""
+    if not value.strip():
+        raise ValueError("empty text (only whitespace)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # JSON can spell half of a surrogate pair alone; the tokenizer cannot take it.
+        code = ord(value[exc.start])
+        raise ValueError(f"lone surrogate U+{code:04X} at character {exc.start}: not valid Unicode") from None
+    return value
+
+
+def _publish_rules(schema: dict[str, Any]) -> None:
+    # The null branch pydantic adds for "absent" is not something to send; one of the two is required.
+    properties = schema.get("properties", {})
+    for name in ("text", "texts"):
+        prop = properties.get(name, {})
+        branches = [branch for branch in prop.pop("anyOf", []) if branch.get("type") != "null"]
+        if branches:
+            prop.update(branches[0])
+        prop.pop("default", None)
+    schema["oneOf"] = [{"required": ["text"]}, {"required": ["texts"]}]
+    schema["examples"] = [{"text": "where is my parcel?", "top_k": 3}, {"texts": ["great", "awful"]}]
 
 
 class ClassifyRequest(BaseModel):
@@ -13,27 +60,57 @@ class ClassifyRequest(BaseModel):
     model_config = ConfigDict(
         strict=True,
         extra="forbid",
-        json_schema_extra={"examples": [{"text": "where is my parcel?", "top_k": 3}, {"texts": ["great", "awful"]}]},
+        json_schema_extra=_publish_rules,
     )
 
     text: str | None = Field(default=None, description="a single text")
     texts: list[str] | None = Field(default=None, description="several texts, answered in order")
     top_k: int = Field(default=1, ge=1, description="how many labels to return per text (capped at the label count)")
 
+    @field_validator("text", "texts", mode="before")
+    @classmethod
+    def _not_null(cls, value: object) -> object:
+        if value is None:  # the schema says string/array; "absent" is spelt by leaving the key out
+            raise ValueError("null is not allowed: leave the key out instead")
+        return value
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _integral_number(cls, value: object) -> object:
+        # JSON Schema counts 3.0 as an integer, so the schema allows it; "3" and true stay errors.
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
     @model_validator(mode="after")
     def _one_of_text_or_texts(self) -> ClassifyRequest:
         if (self.text is None) == (self.texts is None):
             raise ValueError("give exactly one of 'text' or 'texts'")
-        if self.texts is not None and not self.texts:
-            raise ValueError("'texts' is empty")
-        for index, value in enumerate(self.as_list()):
-            if not value.strip():
-                where = "'text'" if self.text is not None else f"'texts'[{index}]"
-                raise ValueError(f"{where} is empty")
         return self
 
     def as_list(self) -> list[str]:
         return [self.text] if self.text is not None else list(self.texts or [])
+
+
+def classify_request_model(*, max_texts: int, max_chars: int) -> type[ClassifyRequest]:
+    """:class:`ClassifyRequest` with these limits in its validation and in its JSON schema.
+
+    The limits are checked as the body is validated, so a body with a million numbers in ``texts``
+    costs one "too long" error, not a million "not a string" errors.
+    """
+    text_schema = {"type": "string", "minLength": 1, "maxLength": max_chars, "pattern": NON_BLANK}
+    text = Annotated[
+        str, StringConstraints(max_length=max_chars), AfterValidator(check_text), WithJsonSchema(text_schema)
+    ]
+    texts = Annotated[list[text], Field(min_length=1, max_length=max_texts)]  # type: ignore[valid-type]
+    fields = ClassifyRequest.model_fields
+    model: type[ClassifyRequest] = create_model(
+        "ClassifyRequest",
+        __base__=ClassifyRequest,
+        text=(text | None, Field(default=None, description=fields["text"].description)),
+        texts=(texts | None, Field(default=None, description=fields["texts"].description)),
+    )
+    return model
 
 
 class LabelScore(BaseModel):

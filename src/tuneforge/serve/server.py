@@ -2,21 +2,31 @@
 
 On SIGTERM or Ctrl+C uvicorn stops listening, lets open requests finish (up to the drain timeout)
 and then runs the app's shutdown, which finishes anything still queued: no accepted request is lost.
+
+This module imports the app, never the other way round: the app knows nothing of how it is run.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.rundir import open_run_dir
+from tuneforge.serve.metrics import MULTIPROC_ENV
 from tuneforge.serve.settings import ServeSettings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 LOGGER_NAME = "tuneforge.serve"
 
@@ -53,6 +63,26 @@ def prepare_settings(settings: ServeSettings) -> ServeSettings:
     return settings
 
 
+def startup_warnings(settings: ServeSettings) -> list[str]:
+    """What a person starting this server should know before clients arrive."""
+    warnings = []
+    if settings.api_key is None and not settings.is_loopback:
+        warnings.append(
+            f"listening on {settings.host} without an API key: anyone who can reach this address can use the "
+            "model; set TUNEFORGE_API_KEY or --api-key-file"
+        )
+    return warnings
+
+
+def app_from_env() -> FastAPI:
+    """App factory for uvicorn worker processes (``--workers N``): settings come from the environment."""
+    from tuneforge.serve.app import create_app
+
+    settings = ServeSettings.from_env()
+    configure_logging(settings.log_level)
+    return create_app(settings)
+
+
 def run_server(settings: ServeSettings, *, console: Console | None = None) -> int:
     import uvicorn
 
@@ -67,20 +97,28 @@ def run_server(settings: ServeSettings, *, console: Console | None = None) -> in
         f"{', API key required' if settings.api_key else ''})",
         highlight=False,
     )
+    for warning in startup_warnings(settings):
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     common = {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
         # An access line per request costs more than a batched classification at high load.
         "access_log": settings.log_level == "debug",
-        "timeout_graceful_shutdown": int(settings.drain_timeout_s),
+        # Whole seconds for uvicorn; rounded up, so that 0.5 s never becomes "no wait at all".
+        "timeout_graceful_shutdown": math.ceil(settings.drain_timeout_s),
         "server_header": False,
     }
     if settings.workers == 1:
         server = uvicorn.Server(uvicorn.Config(create_app(settings), **common))
         server.run()
         return 0 if server.started else 1
-    # Worker processes are started fresh by uvicorn and rebuild the app from the environment.
-    os.environ.update(settings.to_env())
-    uvicorn.run("tuneforge.serve.app:app_from_env", factory=True, workers=settings.workers, **common)
+    # Worker processes are started fresh by uvicorn and rebuild the app from the environment; their
+    # metrics go to a folder of this server's own, so that a scrape of any worker counts all of them.
+    metrics_dir = tempfile.mkdtemp(prefix="tuneforge-metrics-")
+    os.environ.update({**settings.to_env(), MULTIPROC_ENV: metrics_dir})
+    try:
+        uvicorn.run("tuneforge.serve.server:app_from_env", factory=True, workers=settings.workers, **common)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -14,6 +15,11 @@ API_KEY_ENV = "TUNEFORGE_API_KEY"
 # separately, in API_KEY_ENV, so that it never shows in a process listing or a settings dump).
 SETTINGS_ENV = "TUNEFORGE_SERVE_SETTINGS"
 FORMS = ("auto", "model", "adapter", "onnx")
+# With --truncate a text may be this many times --max-chars long before it is refused: it is cut
+# anyway, and the bound keeps the work per request (and the body size limit) finite.
+TRUNCATE_FACTOR = 10
+# Bytes a character can take in a JSON body at worst: an escaped pair of surrogates (\ud83d\ude00).
+_JSON_BYTES_PER_CHAR = 12
 
 
 @dataclass(frozen=True)
@@ -27,14 +33,16 @@ class ServeSettings:
     max_queue: int = 1024  # texts waiting for the model; more is answered with 503 + Retry-After
     max_texts_per_request: int = 64
     max_chars: int = 2000  # per text
-    truncate: bool = False  # cut over-long texts instead of answering 413
+    truncate: bool = False  # cut over-long texts (up to TRUNCATE_FACTOR x max_chars) instead of a 422
     max_body_bytes: int | None = None  # None: derived from the two limits above
     api_key: str | None = field(default=None, repr=False)
+    public_docs: bool = False  # with an API key: the playground, /docs and /openapi.json stay open
     cors_origins: tuple[str, ...] = ()
     form: str = "auto"
     threads: int | None = None  # torch/ONNX Runtime threads; None: the library default
     retry_after_s: int = 1
     drain_timeout_s: float = 30.0  # graceful shutdown: how long queued work may take to finish
+    request_timeout_s: float = 30.0  # a request's time in the queue and the model, at most
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -58,6 +66,8 @@ class ServeSettings:
             ("--form", self.form in FORMS, f"must be one of {', '.join(FORMS)}"),
             ("--threads", self.threads is None or self.threads >= 1, "must be at least 1"),
             ("--api-key", self.api_key is None or len(self.api_key) >= 8, "must be at least 8 characters"),
+            ("--drain-timeout", 0 < self.drain_timeout_s <= 3600, "must be in (0, 3600] seconds"),
+            ("--request-timeout", 0 < self.request_timeout_s <= 3600, "must be in (0, 3600] seconds"),
         ]
         for option, ok, message in checks:
             if not ok:
@@ -68,13 +78,30 @@ class ServeSettings:
         return self
 
     @property
+    def text_limit(self) -> int:
+        """Characters a text may have in a request (the schema's maxLength)."""
+        return self.max_chars * (TRUNCATE_FACTOR if self.truncate else 1)
+
+    @property
     def body_limit(self) -> int:
-        """Largest request body accepted, so a huge upload is refused before it is read."""
+        """Largest request body accepted, so a huge upload is refused before it is read.
+
+        Derived from the schema's limits, so that every request the schema allows fits.
+        """
         if self.max_body_bytes is not None:
             return self.max_body_bytes
-        # A JSON-escaped character takes at most 6 bytes (\\uXXXX); truncation accepts longer texts.
-        per_text = self.max_chars * (60 if self.truncate else 6) + 64
+        per_text = self.text_limit * _JSON_BYTES_PER_CHAR + 64
         return 64 * 1024 + self.max_texts_per_request * per_text
+
+    @property
+    def is_loopback(self) -> bool:
+        """True when only this machine can connect (``--host`` is a loopback address)."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:  # a host name: it may resolve to any interface
+            return False
 
     def to_env(self) -> dict[str, str]:
         data = asdict(self)
@@ -94,3 +121,20 @@ class ServeSettings:
         data["run_dir"] = Path(data["run_dir"])
         data["cors_origins"] = tuple(data.get("cors_origins", ()))
         return replace(cls(**data), api_key=os.environ.get(API_KEY_ENV) or None)
+
+
+def read_api_key_file(path: Path) -> str:
+    """The key in ``path`` (``--api-key-file``): its first line, without surrounding whitespace.
+
+    A file keeps the key out of the command line, which every user of the machine can read (``ps``).
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TuneforgeError(f"--api-key-file: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TuneforgeError(f"--api-key-file: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    lines = text.strip().splitlines()
+    if not lines or not lines[0].strip():
+        raise TuneforgeError(f"--api-key-file: {path} is empty")
+    return lines[0].strip()
