@@ -18,12 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 
-def lint_imports(cwd: Path, *contracts: str) -> subprocess.CompletedProcess[str]:
+def lint_imports(project: Path, source: Path, *contracts: str) -> subprocess.CompletedProcess[str]:
+    """Check the ``tuneforge`` package found in ``source`` against the contracts in ``project``'s pyproject.toml."""
     selected = [arg for contract in contracts for arg in ("--contract", contract)]
-    env = {**os.environ, "PYTHONPATH": str(cwd), "COLUMNS": "200"}
+    # The package beside the contracts, whichever copy the venv has installed.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(source), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(
         [str(LINT_IMPORTS), "--no-cache", "--no-logo", *selected],
-        cwd=cwd,
+        cwd=project,
         env=env,
         capture_output=True,
         text=True,
@@ -32,7 +34,7 @@ def lint_imports(cwd: Path, *contracts: str) -> subprocess.CompletedProcess[str]
 
 
 def test_the_import_contracts_are_kept() -> None:
-    result = lint_imports(ROOT)
+    result = lint_imports(ROOT, ROOT / "src")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -42,7 +44,7 @@ def package_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("layering")
     shutil.copytree(ROOT / "src" / "tuneforge", folder / "tuneforge", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", folder / "pyproject.toml")
-    clean = lint_imports(folder)
+    clean = lint_imports(folder, folder)
     assert clean.returncode == 0, "the contracts are broken before any change:\n" + clean.stdout + clean.stderr
     return folder
 
@@ -68,7 +70,7 @@ def test_a_late_import_across_a_layer_breaks_its_contract(
     original = path.read_text(encoding="utf-8")
     path.write_text(original + f"\n\ndef _late() -> None:\n    import {imported}  # noqa\n", encoding="utf-8")
     try:
-        result = lint_imports(package_copy, contract)
+        result = lint_imports(package_copy, package_copy, contract)
     finally:
         path.write_text(original, encoding="utf-8")
     assert result.returncode == 1, result.stdout + result.stderr
