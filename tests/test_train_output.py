@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import tiny_config, write_csv
@@ -136,3 +137,21 @@ def test_resume_survives_a_torn_last_log_line(tiny_model_dir: Path, tiny_data: d
     assert lines[-1] == "", "every record ends with a newline"
     records = [json.loads(line) for line in lines[:-1]]
     assert [r["step"] for r in records if "eval" in r] == [8, 16]
+
+
+def test_the_loop_state_round_trips_through_the_checkpoint(tmp_path: Path) -> None:
+    from tuneforge.train.checkpoint import load_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = LoopState(epoch=2, batch=5, step=21, samples=336, train_seconds=1.5, best=71.25, best_step=16, bad_evals=1)
+    save_checkpoint(tmp_path / "ckpt", model, optimizer, state)
+    assert load_checkpoint(tmp_path / "ckpt", model, optimizer).loop_state == state
+
+    # Another version's state (here: an extra key) is refused with a message, not a TypeError.
+    saved = tmp_path / "ckpt" / "state.json"
+    document = json.loads(saved.read_text())
+    document["loop"]["history"] = []
+    saved.write_text(json.dumps(document))
+    with pytest.raises(RunDirError, match=r"state\.json: written by another version of tuneforge"):
+        load_checkpoint(tmp_path / "ckpt", model, optimizer)
