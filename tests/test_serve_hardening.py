@@ -105,6 +105,23 @@ def test_public_docs_open_the_docs_and_nothing_else() -> None:
             assert client.request(method, path, json={"text": "x"}).status_code == 401, path
 
 
+def test_docs_and_the_cli_follow_the_root_path(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tiny_run: Path
+) -> None:
+    with TestClient(create_app(settings_for()), root_path="/api") as client:
+        page = client.get("/api/docs").text
+        assert "url: '/api/openapi.json'" in page and "/api/docs/static/swagger-ui-bundle.js" in page
+        assert client.get("/api/docs/static/swagger-ui.css").status_code == 200
+        assert client.get("/api/openapi.json").json()["servers"] == [{"url": "/api"}]
+    configs: list[Any] = []
+    monkeypatch.setattr("uvicorn.Server.run", lambda self, sockets=None: configs.append(self.config))
+    main(["serve", str(tiny_run), "--port", "0", "--root-path", "/api"])
+    assert configs[0].root_path == "/api"
+    capsys.readouterr()
+    assert main(["serve", str(tiny_run), "--root-path", "api/"]) == EXIT_BAD_INPUT
+    assert "--root-path: 'api/' is not a path like /api" in capsys.readouterr().err
+
+
 def test_the_cli_reads_the_api_key_from_a_file(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tiny_run: Path, tmp_path: Path
 ) -> None:

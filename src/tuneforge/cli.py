@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=32, help="texts per model call")
     p.add_argument("--max-wait-ms", type=float, default=1.0, help="how long a text may wait for others to batch with")
     p.add_argument("--max-queue", type=int, default=1024, help="texts waiting at most; beyond: 503 + Retry-After")
-    p.add_argument("--max-texts", type=int, default=64, help="texts per request at most (else 413)")
+    p.add_argument("--max-texts", type=int, default=64, help="texts per request at most (else 422)")
     p.add_argument("--max-chars", type=int, default=2000, help="characters per text at most (else 422)")
     p.add_argument(
         "--truncate", action="store_true", help="cut texts longer than --max-chars (up to 10x) instead of a 422"
@@ -121,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
         "--request-timeout", type=float, default=30.0, help="seconds a request may wait and run (then 503/504)"
     )
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish accepted work on shutdown")
+    p.add_argument("--root-path", default="", help="the prefix a reverse proxy serves this under (e.g. /api)")
     p.add_argument(
         "--cors-origin", dest="cors_origins", action="append", default=[], help="allow this browser origin (repeatable)"
     )
@@ -289,6 +290,7 @@ def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
         threads=args.threads,
         request_timeout_s=args.request_timeout,
         drain_timeout_s=args.drain_timeout,
+        root_path=args.root_path,
         log_level=args.log_level,
     )
     return run_server(settings, console=console)

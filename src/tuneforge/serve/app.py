@@ -405,13 +405,15 @@ def create_app(settings: ServeSettings, *, model_factory: ModelFactory | None = 
         app.mount("/docs/static", StaticFiles(directory=swagger_dir), name="docs-static")
 
         @app.get("/docs", include_in_schema=False)
-        async def docs() -> HTMLResponse:
+        async def docs(request: Request) -> HTMLResponse:
+            # Under --root-path (a proxy's prefix) or a mount, the browser must ask for the prefixed URLs.
+            root = request.scope.get("root_path", "").rstrip("/")
             return get_swagger_ui_html(
-                openapi_url=app.openapi_url or "/openapi.json",
+                openapi_url=root + (app.openapi_url or "/openapi.json"),
                 title="tuneforge API",
-                swagger_js_url="/docs/static/swagger-ui-bundle.js",
-                swagger_css_url="/docs/static/swagger-ui.css",
-                swagger_favicon_url="/docs/static/favicon-32x32.png",
+                swagger_js_url=f"{root}/docs/static/swagger-ui-bundle.js",
+                swagger_css_url=f"{root}/docs/static/swagger-ui.css",
+                swagger_favicon_url=f"{root}/docs/static/favicon-32x32.png",
             )
 
     # Middleware: the last added runs first. CORS outermost, so preflight requests never need a key.

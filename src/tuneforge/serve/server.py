@@ -108,6 +108,7 @@ def run_server(settings: ServeSettings, *, console: Console | None = None) -> in
         # Whole seconds for uvicorn; rounded up, so that 0.5 s never becomes "no wait at all".
         "timeout_graceful_shutdown": math.ceil(settings.drain_timeout_s),
         "server_header": False,
+        "root_path": settings.root_path,
     }
     if settings.workers == 1:
         server = uvicorn.Server(uvicorn.Config(create_app(settings), **common))

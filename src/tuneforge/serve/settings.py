@@ -38,6 +38,7 @@ class ServeSettings:
     api_key: str | None = field(default=None, repr=False)
     public_docs: bool = False  # with an API key: the playground, /docs and /openapi.json stay open
     cors_origins: tuple[str, ...] = ()
+    root_path: str = ""  # the prefix a reverse proxy serves the app under (it strips it), e.g. /api
     form: str = "auto"
     threads: int | None = None  # torch/ONNX Runtime threads; None: the library default
     retry_after_s: int = 1
@@ -72,6 +73,10 @@ class ServeSettings:
         for option, ok, message in checks:
             if not ok:
                 raise TuneforgeError(f"{option}: {message}")
+        if self.root_path and (not self.root_path.startswith("/") or self.root_path.endswith("/")):
+            raise TuneforgeError(
+                f"--root-path: {self.root_path!r} is not a path like /api (a leading /, no trailing /)"
+            )
         for origin in self.cors_origins:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise TuneforgeError(f"--cors-origin: {origin!r} is not an origin like https://example.com (or *)")
