@@ -48,13 +48,17 @@ def earlier_run(tiny_model_dir: Path, tiny_data: dict, tmp_path: Path) -> Path:
     return out
 
 
-def test_overwrite_refuses_a_folder_that_is_not_a_run(tiny_model_dir: Path, tiny_data: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("overwrite", [True, False], ids=["overwrite", "plain"])
+def test_a_folder_that_is_not_a_run_is_never_replaced(
+    tiny_model_dir: Path, tiny_data: dict, tmp_path: Path, overwrite: bool
+) -> None:
+    # Not "pass --overwrite" either: no flag makes tuneforge delete a folder it did not write.
     out = tmp_path / "home"
     out.mkdir()
     (out / "thesis.tex").write_text("years of work")
     raw = tiny_config(tiny_model_dir, tiny_data, out, epochs=1)
     with pytest.raises(RunDirError, match=r"output\.dir: .*home is not empty and is not a tuneforge run directory"):
-        train(validate_config(raw), overwrite=True, show_progress=False)
+        train(validate_config(raw), overwrite=overwrite, show_progress=False)
     assert [p.name for p in out.iterdir()] == ["thesis.tex"]
     assert not (tmp_path / "home.partial").exists()
 

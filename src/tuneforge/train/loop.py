@@ -199,7 +199,10 @@ def _check_output(config: RunConfig, target: Path, *, resume: bool, overwrite: b
             )
         saved = staging.config_file.read_text(encoding="utf-8") if staging.config_file.exists() else ""
         _check_same_config(saved, config, staging.path)
-    elif not overwrite:
+    # First what may never be replaced (with or without --overwrite), then what only --overwrite replaces.
+    check_replaceable(target, option="output.dir")
+    check_replaceable(staging.path, option="output.dir")
+    if not resume and not overwrite:
         if _non_empty(staging.path):
             raise RunDirError(
                 f"output.dir: {staging.path} holds an interrupted run of {target}; "
@@ -207,8 +210,6 @@ def _check_output(config: RunConfig, target: Path, *, resume: bool, overwrite: b
             )
         if _non_empty(target):
             raise RunDirError(f"output.dir: {target} already exists; pass --overwrite to replace it")
-    check_replaceable(target, option="output.dir")
-    check_replaceable(staging.path, option="output.dir")
     return staging
 
 
