@@ -211,6 +211,28 @@ def test_one_poisoned_request_among_good_ones_fails_alone() -> None:
     assert poisoned.status_code == 500 and "Traceback" not in poisoned.text
 
 
+def test_a_tokenizer_error_in_a_batch_fails_only_its_own_request(tiny_run: Path) -> None:
+    from tuneforge.infer.predictor import Predictor
+    from tuneforge.serve.batcher import DynamicBatcher
+
+    predictor = Predictor(tiny_run, threads=1)
+
+    async def scenario() -> list[Any]:
+        batcher = DynamicBatcher(predictor.predict_proba, max_batch_size=64, max_wait_s=0.2)
+        batcher.start()
+        # Past validation (as from a client of the batcher other than the HTTP app): the real tokenizer
+        # raises on the lone surrogate, in the same batch as the good texts.
+        texts = [["a lovely film"], ["dull"], ["bad \ud800"], ["fine plot", "okay"]]
+        results = await asyncio.gather(*(batcher.submit(t) for t in texts), return_exceptions=True)
+        await batcher.close()
+        return results
+
+    good1, good2, bad, good3 = asyncio.run(scenario())
+    assert isinstance(bad, TypeError)
+    assert [np.asarray(r).shape for r in (good1, good2, good3)] == [(1, 3), (1, 3), (2, 3)]
+    assert np.allclose(good3, predictor.predict_proba(["fine plot", "okay"]), atol=1e-5)
+
+
 # --- 3. bounded work per request ----------------------------------------------------------------------
 
 

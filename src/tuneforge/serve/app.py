@@ -14,7 +14,7 @@ import importlib.util
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from importlib.resources import files
 from pathlib import Path
@@ -435,7 +435,7 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _unless_client_leaves(request: Request, work: Any) -> np.ndarray | None:
+async def _unless_client_leaves(request: Request, work: Coroutine[Any, Any, np.ndarray]) -> np.ndarray | None:
     """The result of ``work``, or None if the client goes away first (``work`` is then cancelled,
     which takes a still-queued request out of the queue: nobody would read its answer)."""
     task = asyncio.ensure_future(work)
