@@ -11,7 +11,7 @@ import pytest
 
 from tuneforge.cli import EXIT_BAD_INPUT, main
 from tuneforge.errors import RunDirError
-from tuneforge.files import atomic_replace_dir, atomic_write_json, atomic_write_text, atomic_write_with
+from tuneforge.files import aside_path, atomic_replace_dir, atomic_write_json, atomic_write_text, atomic_write_with
 from tuneforge.rundir import check_replaceable, is_run_dir
 
 
@@ -168,7 +168,7 @@ def test_staged_files_are_flushed_before_the_folder_is_swapped_in(
         assert os.path.join(staging, name) in synced_then, f"{name} was not flushed before the swap"
     assert staging in synced_then and os.path.join(staging, "sub") in synced_then, "folders not flushed"
     assert (target / "sub" / "vocab.txt").read_bytes() == b"new sub/vocab.txt"
-    assert not (target / "old.bin").exists() and not target.with_name("model.old").exists()
+    assert not (target / "old.bin").exists() and not aside_path(target).exists()
 
 
 def test_a_failed_swap_puts_the_old_folder_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,3 +187,25 @@ def test_a_failed_swap_puts_the_old_folder_back(tmp_path: Path, monkeypatch: pyt
     monkeypatch.undo()
     assert (target / "weights.bin").read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_users_old_folder_beside_the_target_is_never_touched(tmp_path: Path) -> None:
+    """The swap keeps the previous copy under a hidden name of its own, so `runs/x.old` is the user's."""
+    target = tmp_path / "x"
+    mine = tmp_path / "x.old"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    atomic_replace_dir(target, lambda folder: (folder / "a.bin").write_bytes(b"1"))
+    atomic_replace_dir(target, lambda folder: (folder / "a.bin").write_bytes(b"2"))
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert (target / "a.bin").read_bytes() == b"2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x", "x.old"]
+
+
+def test_a_copy_left_aside_by_a_crash_is_cleared_by_the_next_swap(tmp_path: Path) -> None:
+    target = tmp_path / "x"
+    stale = aside_path(target)
+    stale.mkdir()
+    (stale / "a.bin").write_bytes(b"stale")
+    atomic_replace_dir(target, lambda folder: (folder / "a.bin").write_bytes(b"new"))
+    assert not stale.exists() and (target / "a.bin").read_bytes() == b"new"

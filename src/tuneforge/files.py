@@ -84,16 +84,26 @@ def atomic_write_with(path: Path | str, writer: Callable[[Path], None]) -> None:
     _fsync_dir(path.parent)
 
 
+def aside_path(path: Path | str) -> Path:
+    """Where atomic_replace_dir keeps the previous copy of ``path`` during its swap.
+
+    A hidden name of tuneforge's own, so that clearing a stale one can never delete a user's
+    ``runs/x.old`` (or any other folder a person would name).
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.tuneforge-old")
+
+
 def atomic_replace_dir(path: Path | str, writer: Callable[[Path], None]) -> None:
     """Write a whole folder next to ``path`` and swap it in, so readers never see it half-written.
 
-    The swap is two renames (old aside, new in); a crash between them leaves ``path.old`` which the
-    next call cleans up, and the newest complete copy is always either ``path`` or ``path.old``. An
-    error (not a crash) between them puts ``path.old`` back.
+    The swap is two renames (old aside, new in); a crash between them leaves the old copy at
+    ``aside_path(path)``, which the next call cleans up, so the newest complete copy is always at one of
+    the two. An error (not a crash) between them puts the old copy back.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    old = path.with_name(path.name + ".old")
+    old = aside_path(path)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         _usual_permissions(staging, folder=True)

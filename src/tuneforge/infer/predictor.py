@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from tuneforge.data.batching import encode_texts
 from tuneforge.data.cleaning import clean_text
@@ -57,12 +56,10 @@ class Predictor:
         self.labels = self.run.labels()
         self.classifier, self.tokenizer, self.form = load_run_backend(self.run, form=form, threads=threads, spin=spin)
         check_label_count(self.run, self.labels, self.classifier.num_labels)
-        saved = (
-            yaml.safe_load(self.run.config_file.read_text(encoding="utf-8")) if self.run.config_file.exists() else {}
-        )
-        saved = saved or {}
-        self.max_length: int = int(saved.get("model", {}).get("max_length", 128))
-        self.lowercase: bool = bool(saved.get("data", {}).get("lowercase", False))
+        # A run without a config (a model folder assembled by hand) gets the config's defaults.
+        config = self.run.config_or_none()
+        self.max_length: int = config.model.max_length if config else 128
+        self.lowercase: bool = config.data.lowercase if config else False
         self.batch_size = batch_size
         self.pad_id = self.tokenizer.pad_token_id or 0
 

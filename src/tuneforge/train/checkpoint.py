@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from tuneforge.errors import RunDirError
-from tuneforge.files import atomic_replace_dir
+from tuneforge.files import aside_path, atomic_replace_dir
 
 WEIGHTS = "model.safetensors"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
@@ -98,7 +98,7 @@ def save_checkpoint(
 
 
 def has_checkpoint(folder: Path) -> bool:
-    for candidate in (folder, folder.with_name(folder.name + ".old")):
+    for candidate in (folder, aside_path(folder)):
         if (candidate / STATE).is_file():
             return True
     return False
@@ -118,8 +118,8 @@ def _pop_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, to
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Checkpoint:
     """Restore weights, optimizer and RNG in place; return what else the run kept (see ``save_checkpoint``)."""
     if not (folder / STATE).is_file():
-        # A crash between the two renames of atomic_replace_dir leaves the last good copy at .old.
-        folder = folder.with_name(folder.name + ".old")
+        # A crash between the two renames of atomic_replace_dir leaves the last good copy aside.
+        folder = aside_path(folder)
     if not (folder / STATE).is_file():
         raise RunDirError(f"{folder.parent}: no checkpoint to resume from")
     state = json.loads((folder / STATE).read_text(encoding="utf-8"))
