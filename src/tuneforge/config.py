@@ -169,8 +169,11 @@ class AdaLoraOptions(LoraOptions):
 
     @model_validator(mode="after")
     def _budget(self) -> AdaLoraOptions:
-        if self.target_r > self.r:
-            raise ValueError(f"target_r ({self.target_r}) must not exceed r ({self.r})")
+        # Equal ranks leave AdaLoRA nothing to prune, and peft's budget step then fails deep inside training.
+        if self.target_r >= self.r:
+            raise ValueError(
+                f"target_r ({self.target_r}) must be below r ({self.r}); to keep every rank, use method lora"
+            )
         if self.tinit + self.tfinal >= 1.0:
             raise ValueError(f"tinit + tfinal ({self.tinit} + {self.tfinal}) must leave steps for pruning (< 1)")
         return self
