@@ -569,6 +569,24 @@ def test_after_shutdown_begins_work_is_refused_with_503() -> None:
     assert health.status_code == 200
 
 
+def classify_scope(headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """The ASGI scope of a POST /v1/classify, for driving the app by hand (raw headers, disconnects)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/classify",
+        "raw_path": b"/v1/classify",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1234),
+        "server": ("127.0.0.1", 80),
+    }
+
+
 def test_invalid_content_length_is_400() -> None:
     app = create_app(settings_for(), model_factory=lambda _s: FakeModel())
     sent: list[dict[str, Any]] = []
@@ -579,20 +597,7 @@ def test_invalid_content_length_is_400() -> None:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/classify",
-        "raw_path": b"/v1/classify",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"-5")],
-        "client": ("127.0.0.1", 1234),
-        "server": ("127.0.0.1", 80),
-    }
+    scope = classify_scope([(b"content-type", b"application/json"), (b"content-length", b"-5")])
     asyncio.run(app(scope, receive, send))
     assert sent[0]["status"] == 400
     assert json.loads(sent[1]["body"])["detail"] == "invalid Content-Length header"

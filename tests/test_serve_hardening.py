@@ -26,7 +26,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from tests.test_serve import KEY, LABELS, FakeModel, _with_app, fake_client, free_port, settings_for, wait_ready
+from tests.test_serve import (
+    KEY,
+    LABELS,
+    FakeModel,
+    _with_app,
+    classify_scope,
+    fake_client,
+    free_port,
+    settings_for,
+    wait_ready,
+)
 from tuneforge.cli import EXIT_BAD_INPUT, main
 from tuneforge.errors import RunDirError
 from tuneforge.serve.app import create_app
@@ -313,20 +323,7 @@ def test_a_request_whose_client_has_left_is_skipped() -> None:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/classify",
-        "raw_path": b"/v1/classify",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 1234),
-        "server": ("127.0.0.1", 80),
-    }
+    scope = classify_scope([(b"content-type", b"application/json")])
 
     async def body(client: httpx.AsyncClient) -> tuple[int, httpx.Response]:
         model.gate = gate
