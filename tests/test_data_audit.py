@@ -105,6 +105,35 @@ def test_audit_counts_duplicates_conflicts_leakage_and_lengths() -> None:
     assert len(summary.splitlines()) <= 6
 
 
+def test_audit_coverage_counts_unknown_tokens_in_the_same_pass(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # knows the invented English words only
+    english = make(["great film", "awful plot"], ["pos", "neg"])
+    mixed = make(["great film", "好看"], ["pos", "neg"])  # each CJK character is one [UNK]
+    cjk = make(["好看的电影", "无聊"], ["pos", "neg"])
+    report = audit_splits({"train": english, "validation": mixed, "test": cjk}, tokenizer=tokenizer)
+    coverage = {name: split["coverage"] for name, split in report["splits"].items()}
+    assert coverage["train"] == {"unknown_tokens": 0, "unknown_share": 0.0, "chars_per_token": 5.0, "cjk_share": 0.0}
+    # 4 content tokens ([CLS]/[SEP] not counted), 2 of them [UNK]; 12 characters, 2 CJK.
+    assert coverage["validation"] == {
+        "unknown_tokens": 2,
+        "unknown_share": 0.5,
+        "chars_per_token": 3.0,
+        "cjk_share": round(2 / 12, 4),
+    }
+    assert coverage["test"]["unknown_share"] == 1.0 and coverage["test"]["cjk_share"] == 1.0
+    assert report["splits"]["validation"]["token_lengths"]["max"] == 4  # the lengths still count specials
+    unknown, few_cjk = report["warnings"]
+    assert "validation 50.0%, test 100.0% of the tokens as [UNK]" in unknown
+    assert "test 100% of characters" in few_cjk and "has only 0 CJK tokens" in few_cjk
+    assert "train" not in unknown and "validation" not in few_cjk  # 17% CJK is not CJK-heavy
+    assert unknown.endswith("model.name: multilingual-e5-small")
+    summary = format_audit(report)
+    assert "validation: " in summary and "3 chars/token, 50.0% unknown, 17% CJK characters" in summary
+    assert summary.count("\nwarning: ") == 2
+
+
 def test_drop_conflicts_and_leaked() -> None:
     train = make(["same words", "Same words", "unique", "also here", "kept"], ["x", "y", "x", "y", "x"])
     fixed, dropped = drop_conflicts(train)

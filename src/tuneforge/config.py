@@ -46,6 +46,9 @@ class DataConfig(_Section):
     label_column: str = "label"
     encoding: str = Field("utf-8", description="Text encoding of CSV/TSV/JSONL files, e.g. latin-1.")
     lowercase: bool = False
+    chinese_script: Literal["simplified", "traditional"] | None = Field(
+        None, description="Convert Chinese text to one script while cleaning (training and prediction); null: as is."
+    )
     validation_size: float = Field(0.05, gt=0.0, lt=0.5, description="Used when no validation file.")
     max_train_rows: int | None = Field(None, ge=2, description="Seeded stratified subsample of the training set.")
     drop_conflicts: bool = Field(False, description="Drop texts that carry more than one label.")

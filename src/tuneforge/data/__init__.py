@@ -12,6 +12,7 @@ from tuneforge.data.audit import audit_splits, drop_conflicts, drop_leaked, form
 from tuneforge.data.cleaning import clean_text, clean_texts, normalise_for_matching
 from tuneforge.data.prepare import PreparedData, check_known_labels, prepare_data, read_eval_file, sort_labels
 from tuneforge.data.readers import LabelledTexts, read_labelled_file
+from tuneforge.data.segment import segment_words
 from tuneforge.data.splits import stratified_split, stratified_subsample
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ __all__ = [
     "prepare_data",
     "read_eval_file",
     "read_labelled_file",
+    "segment_words",
     "sort_labels",
     "stratified_split",
     "stratified_subsample",

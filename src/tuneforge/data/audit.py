@@ -1,10 +1,12 @@
-"""Data audit: duplicates, conflicting labels, leakage between splits, class balance, token lengths.
+"""Data audit: duplicates, conflicting labels, leakage between splits, class balance, token lengths,
+and how well the tokenizer's vocabulary covers the texts (unknown tokens, characters per token, CJK).
 
 The report is a plain JSON-serialisable dict so it can be written into the run directory as is.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from hashlib import blake2b
@@ -18,6 +20,15 @@ from tuneforge.data.readers import LabelledTexts
 MAX_EXAMPLES = 10
 _TOKENIZE_BATCH = 1000
 _PERCENTILES = (50, 90, 95, 99)
+# A registry name of tuneforge.pretrained (multilingual: XLM-R's 250k vocabulary, ~100 languages), kept as
+# a plain string: data must not import the model packages (import-linter contract data-no-models).
+SUGGESTED_MODEL = "multilingual-e5-small"
+UNKNOWN_SHARE_WARN = 0.05
+CJK_HEAVY_SHARE = 0.3  # of a split's characters
+# Everyday Chinese needs ~3,500 distinct characters; an English vocabulary holds a few hundred.
+FEW_CJK_TOKENS = 2000
+# Han ideographs (with extension A and compatibility forms), kana, hangul syllables.
+_CJK_RUN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]+")
 # How format_audit names what the reader skipped or changed (keys of LabelledTexts.read_counts).
 _READ_COUNTS = {
     "blank_lines": "blank lines skipped",
@@ -60,13 +71,85 @@ def _conflicts(data: LabelledTexts) -> tuple[int, dict[bytes, dict[str, list[int
 
 def token_lengths(tokenizer: Any, texts: Sequence[str]) -> list[int]:
     """Token counts including special tokens, without truncation; tokenised in batches to bound memory."""
+    return _encode_stats(tokenizer, texts)[0]
+
+
+def _encode_stats(tokenizer: Any, texts: Sequence[str]) -> tuple[list[int], dict[str, int]]:
+    """Token counts per text and, from the same encoding, totals for the vocabulary coverage check:
+    content tokens (special tokens other than the unknown one left out), unknown tokens, characters
+    and CJK characters."""
+    unk_id = getattr(tokenizer, "unk_token_id", None)
+    # [CLS]/[SEP] (<s>/</s>) are in every encoding; counting them would dilute the shares.
+    specials = set(getattr(tokenizer, "all_special_ids", None) or ()) - {unk_id}
     lengths: list[int] = []
+    totals = {"tokens": 0, "unknown": 0, "chars": 0, "cjk_chars": 0}
     for start in range(0, len(texts), _TOKENIZE_BATCH):
         batch = list(texts[start : start + _TOKENIZE_BATCH])
         # verbose=False: HF warns about every text longer than the model limit, which is what we measure.
         encoded = tokenizer(batch, add_special_tokens=True, truncation=False, verbose=False)
-        lengths.extend(len(ids) for ids in encoded["input_ids"])
-    return lengths
+        for ids in encoded["input_ids"]:
+            lengths.append(len(ids))
+            # list.count runs in C: no per-token Python loop over a large file.
+            totals["tokens"] += len(ids) - sum(ids.count(special) for special in specials)
+            if unk_id is not None:
+                totals["unknown"] += ids.count(unk_id)
+        for text in batch:
+            totals["chars"] += len(text)
+            totals["cjk_chars"] += _cjk_chars(text)
+    return lengths, totals
+
+
+def _cjk_chars(text: str) -> int:
+    """How many characters of ``text`` are Chinese, Japanese or Korean (ideographs, kana, hangul)."""
+    return sum(len(run) for run in _CJK_RUN.findall(text))
+
+
+def _coverage(totals: dict[str, int]) -> dict[str, Any]:
+    tokens, chars = totals["tokens"], totals["chars"]
+    return {
+        "unknown_tokens": totals["unknown"],
+        "unknown_share": round(totals["unknown"] / tokens, 4) if tokens else 0.0,
+        "chars_per_token": round(chars / tokens, 2) if tokens else None,
+        "cjk_share": round(totals["cjk_chars"] / chars, 4) if chars else 0.0,
+    }
+
+
+def _vocabulary_cjk_tokens(tokenizer: Any) -> int | None:
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if get_vocab is None:
+        return None
+    return sum(1 for token in get_vocab() if _CJK_RUN.search(token))
+
+
+def _coverage_warnings(splits: dict[str, dict[str, Any]], tokenizer: Any) -> list[str]:
+    """Warnings when the tokenizer's vocabulary covers the data poorly, naming a model that fits.
+
+    ``splits`` maps split names to their reports' ``coverage``. Two signs: many unknown tokens
+    (whatever the language), and CJK-heavy text read by a vocabulary with almost no CJK tokens (its
+    tokens are then single known characters at best: the unknown share alone can look tolerable).
+    """
+    name = str(getattr(tokenizer, "name_or_path", "") or "")
+    # No point suggesting the model the data is already read with.
+    fix = "" if SUGGESTED_MODEL in name else f"; a model whose vocabulary fits: model.name: {SUGGESTED_MODEL}"
+    warnings = []
+    unknown = {split: c["unknown_share"] for split, c in splits.items() if c["unknown_share"] > UNKNOWN_SHARE_WARN}
+    if unknown:
+        unk = getattr(tokenizer, "unk_token", None) or "unknown"
+        shares = ", ".join(f"{split} {share:.1%}" for split, share in unknown.items())
+        warnings.append(
+            f"the tokenizer reads {shares} of the tokens as {unk} (over {UNKNOWN_SHARE_WARN:.0%}): "
+            f"its vocabulary covers this data poorly{fix}"
+        )
+    cjk = {split: c["cjk_share"] for split, c in splits.items() if c["cjk_share"] >= CJK_HEAVY_SHARE}
+    if cjk:
+        in_vocab = _vocabulary_cjk_tokens(tokenizer)
+        if in_vocab is not None and in_vocab < FEW_CJK_TOKENS:
+            shares = ", ".join(f"{split} {share:.0%}" for split, share in cjk.items())
+            warnings.append(
+                f"the texts are CJK ({shares} of characters) but the tokenizer's vocabulary has only "
+                f"{in_vocab:,} CJK tokens{fix}"
+            )
+    return warnings
 
 
 def _length_stats(lengths: list[int], max_length: int | None) -> dict[str, Any]:
@@ -115,21 +198,31 @@ def _split_report(data: LabelledTexts, tokenizer: Any, max_length: int | None) -
         },
     }
     if tokenizer is not None:
-        report["token_lengths"] = _length_stats(token_lengths(tokenizer, data.texts), max_length)
+        lengths, totals = _encode_stats(tokenizer, data.texts)
+        report["token_lengths"] = _length_stats(lengths, max_length)
+        report["coverage"] = _coverage(totals)
     return report
 
 
 def audit_splits(
     splits: dict[str, LabelledTexts], *, tokenizer: Any = None, max_length: int | None = None
 ) -> dict[str, Any]:
-    """Audit each split and, when a ``train`` split is given, leakage and unseen labels against it."""
+    """Audit each split and, when a ``train`` split is given, leakage and unseen labels against it.
+
+    With a tokenizer, each split also gets ``token_lengths`` and ``coverage``, and ``warnings`` lists
+    what a user should act on before training (a vocabulary that covers the data poorly).
+    """
     report: dict[str, Any] = {
         "splits": {
             name: _split_report(data, tokenizer, max_length) for name, data in splits.items() if data is not None
         },
         "leakage": {},
         "labels_not_in_train": {},
+        "warnings": [],
     }
+    if tokenizer is not None:
+        coverage = {name: split["coverage"] for name, split in report["splits"].items()}
+        report["warnings"] = _coverage_warnings(coverage, tokenizer)
     train = splits.get("train")
     if train is None:
         return report
@@ -180,6 +273,12 @@ def _split_line(name: str, split: dict[str, Any]) -> str:
         if "truncated" in lengths:
             text += f", {lengths['truncated']:,} ({lengths['truncated_share']:.1%}) over {lengths['max_length']}"
         parts.append(text)
+    coverage = split.get("coverage")
+    if coverage and coverage["chars_per_token"] is not None:
+        text = f"{coverage['chars_per_token']:g} chars/token, {coverage['unknown_share']:.1%} unknown"
+        if coverage["cjk_share"]:
+            text += f", {coverage['cjk_share']:.0%} CJK characters"
+        parts.append(text)
     return f"{name}: " + ", ".join(parts)
 
 
@@ -201,4 +300,5 @@ def format_audit(report: dict[str, Any]) -> str:
         shown = [f"{_READ_COUNTS.get(key, key)} {value:,}" for key, value in counts.items() if value]
         if shown:
             lines.append(f"read {name}: " + ", ".join(shown))
+    lines.extend(f"warning: {warning}" for warning in report.get("warnings", []))
     return "\n".join(lines)

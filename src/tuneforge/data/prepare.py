@@ -77,7 +77,7 @@ def _read_clean(path: Path, cfg: DataConfig, dropped: dict[str, int], name: str)
         label_column=cfg.label_column,
         encoding=cfg.encoding,
         format=cfg.format,
-        clean=partial(clean_text, lowercase=cfg.lowercase),
+        clean=partial(clean_text, lowercase=cfg.lowercase, chinese_script=cfg.chinese_script),
     )
     empty = data.read_counts.get("empty_texts", 0)
     dropped[f"{name}_empty"] = empty

@@ -60,11 +60,12 @@ class Predictor:
         config = self.run.config_or_none()
         self.max_length: int = config.model.max_length if config else 128
         self.lowercase: bool = config.data.lowercase if config else False
+        self.chinese_script: str | None = config.data.chinese_script if config else None
         self.batch_size = batch_size
         self.pad_id = self.tokenizer.pad_token_id or 0
 
     def predict_proba(self, texts: list[str]) -> list[list[float]]:
-        cleaned = [clean_text(t, lowercase=self.lowercase) for t in texts]
+        cleaned = [clean_text(t, lowercase=self.lowercase, chinese_script=self.chinese_script) for t in texts]
         ids = encode_texts(self.tokenizer, cleaned, self.max_length)
         logits = self.classifier.logits(ids, pad_id=self.pad_id, batch_size=self.batch_size)
         return softmax(logits).tolist()
