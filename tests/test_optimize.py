@@ -123,3 +123,45 @@ def test_overwrite_replaces_an_earlier_run_and_nothing_else(
     (out / "stale.txt").write_text("from the earlier run")
     optimize_run(trained_tiny_run, out_dir=out, options=options, overwrite=True)
     assert is_run_dir(out) and not (out / "stale.txt").exists()
+
+
+def test_trimmed_variants_are_built_measured_and_predict(tiny_run: Path, tmp_path: Path) -> None:
+    from tuneforge.models.runs import load_run_backend
+    from tuneforge.rundir import open_run_dir
+
+    sample = tmp_path / "sample.txt"
+    sample.write_text("xylophone\n", encoding="utf-8")
+    out = tmp_path / "opt"
+    options = OptimizeOptions(variants=("trimmed", "trimmed-onnx-int8"), vocab_sample=sample, max_drop=100.0, **FAST)
+    result = optimize_run(tiny_run, out_dir=out, options=options)
+
+    measured = {m.name: m for m in result.measurements}
+    assert list(measured) == ["torch-fp32", "trimmed", "trimmed-onnx-int8"]
+    assert measured["trimmed"].size_mb < measured["torch-fp32"].size_mb
+    assert measured["trimmed"].parameters < measured["torch-fp32"].parameters
+    info = json.loads((out / "variants" / "trimmed" / "variant.json").read_text())
+    assert info["trim"]["vocab_after"] < info["trim"]["vocab_before"] and info["vocab_sample"] == str(sample)
+    assert info["validation"]["accuracy"] == measured["trimmed"].accuracy
+
+    _, tokenizer, _ = load_run_backend(open_run_dir(out / "variants" / "trimmed"))
+    assert len(tokenizer) == info["trim"]["vocab_after"]
+    # A word only the --vocab-sample file has is kept; one that no text used reads as unknown.
+    assert tokenizer.unk_token_id not in tokenizer("xylophone").input_ids
+    assert tokenizer.unk_token_id in tokenizer("jq").input_ids
+    # Texts made of the training texts' pieces get the original run's predictions.
+    texts = ["the film was great", "really boring plot and acting", "a very ordinary story", "so lovely"]
+    assert all(tokenizer.unk_token_id not in tokenizer(t).input_ids for t in texts)
+    reference = np.array(Predictor(tiny_run).predict_proba(texts))
+    assert np.allclose(np.array(Predictor(out / "variants" / "trimmed").predict_proba(texts)), reference, atol=1e-5)
+    onnx = Predictor(out / "variants" / "trimmed-onnx-int8")
+    assert onnx.form == "onnx" and [p.label for p in onnx.predict(texts)]
+    assert Predictor(out).predict(texts)  # the chosen variant's run directory
+
+
+def test_missing_vocab_sample_is_an_error_before_anything_is_built(tiny_run: Path, tmp_path: Path) -> None:
+    from tuneforge.errors import DataError
+
+    options = OptimizeOptions(variants=("trimmed",), vocab_sample=tmp_path / "nope.txt")
+    with pytest.raises(DataError, match=r"--vocab-sample: .*nope.txt: file not found"):
+        optimize_run(tiny_run, out_dir=tmp_path / "o", options=options)
+    assert not (tmp_path / "o").exists()

@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recovery-epochs", type=int, default=2, help="distillation epochs after pruning")
     p.add_argument("--student-layers", type=int, help="layers of the distilled student (default: half)")
     p.add_argument("--distill-epochs", type=int, help="student's epochs (default: the run's epoch rule)")
+    p.add_argument(
+        "--vocab-sample",
+        type=Path,
+        help="texts (.txt: one per line) whose pieces the trimmed variants keep besides the training texts'",
+    )
     p.add_argument("--threads", type=int)
     p.add_argument("--overwrite", action="store_true")
 
@@ -181,6 +186,7 @@ def _cmd_optimize(args: argparse.Namespace, console: Console) -> int:
         distill_epochs=args.distill_epochs,
         threads=args.threads,
         data_file=args.data,
+        vocab_sample=args.vocab_sample,
     )
     result = optimize_run(args.run_dir, out_dir=args.out, options=options, overwrite=args.overwrite, console=console)
     print(f"chosen: {result.chosen}\trun directory: {result.out_dir}")

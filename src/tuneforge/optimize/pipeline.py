@@ -11,6 +11,8 @@ Variants (each is itself a run directory under ``OUT/variants/<name>/``):
     pruned-onnx-int8     the pruned model, exported and int8-quantized
     distilled            half the layers, initialised from the run's own layers, distilled from it
     distilled-onnx-int8  the student, exported and int8-quantized
+    trimmed              the vocabulary cut to the pieces the training texts (and --vocab-sample) use
+    trimmed-onnx-int8    the trimmed model, exported and int8-quantized
 
 Every variant is scored on the run's validation data in this one process (accuracy, macro-F1,
 batch-1 latency, batch-32 throughput, size on disk, peak memory); the best within the accuracy
@@ -32,7 +34,7 @@ from rich.console import Console
 from tuneforge.config import RunConfig, validate_config
 from tuneforge.data import LabelledTexts, prepare_data, read_eval_file
 from tuneforge.data.batching import encode_texts
-from tuneforge.errors import ConfigError, RunDirError, TuneforgeError
+from tuneforge.errors import ConfigError, ModelError, RunDirError, TuneforgeError
 from tuneforge.files import atomic_replace_dir, atomic_write_json, atomic_write_text
 from tuneforge.models.onnx_runtime import OnnxClassifier
 from tuneforge.models.quantized import quantize_torch_dynamic
@@ -59,10 +61,23 @@ VARIANTS = (
     "pruned-onnx-int8",
     "distilled",
     "distilled-onnx-int8",
+    "trimmed",
+    "trimmed-onnx-int8",
 )
 BASELINE = "torch-fp32"
-# Variants made from the run's training texts (static calibration, importance scores, distillation).
-NEEDS_TRAINING_DATA = ("onnx-int8-static", "pruned", "pruned-onnx-int8", "distilled", "distilled-onnx-int8")
+# Variants made from the run's training texts (static calibration, vocabulary, importance scores,
+# distillation).
+NEEDS_TRAINING_DATA = (
+    "onnx-int8-static",
+    "pruned",
+    "pruned-onnx-int8",
+    "distilled",
+    "distilled-onnx-int8",
+    "trimmed",
+    "trimmed-onnx-int8",
+)
+# The model each derived variant starts from (a torch model and its tokenizer), by name prefix.
+DERIVED_BASES = ("trimmed", "pruned", "distilled")
 COPIED_FILES = ("labels.json", "audit.json")
 CALIBRATION_TEXTS = 256
 IMPORTANCE_TEXTS = 512
@@ -80,6 +95,7 @@ class OptimizeOptions:
     distill_epochs: int | None = None  # None: the run's own epoch rule
     threads: int | None = None
     data_file: Path | None = None  # labelled texts to measure on; None: the run's validation split
+    vocab_sample: Path | None = None  # extra texts whose pieces trimmed variants keep (e.g. a language sample)
 
 
 @dataclass
@@ -149,6 +165,42 @@ def _runnable_variants(
     return tuple(name for name in names if name not in NEEDS_TRAINING_DATA)
 
 
+def _is_trimmed(name: str) -> bool:
+    return name.startswith("trimmed")
+
+
+def _read_vocab_sample(path: Path | None) -> list[str]:
+    """The texts of ``--vocab-sample`` (a .txt file has one per line), read before any variant is built."""
+    if path is None:
+        return []
+    from tuneforge.infer.stream import read_texts
+
+    try:
+        return read_texts(Path(path))
+    except TuneforgeError as exc:
+        raise type(exc)(f"--vocab-sample: {exc}") from None
+
+
+def _trimmable_variants(
+    names: tuple[str, ...], tokenizer: Any, *, requested: bool, console: Console
+) -> tuple[str, ...]:
+    """``names`` less the trimmed variants where the run's tokenizer cannot be trimmed (BPE): skipped with
+    a message by default, an error when asked for by name."""
+    from tuneforge.optimize.trim import check_trimmable
+
+    trimmed = [name for name in names if _is_trimmed(name)]
+    if not trimmed:
+        return names
+    try:
+        check_trimmable(tokenizer)
+    except ModelError as exc:
+        if requested:
+            raise ModelError(f"--variants: {', '.join(trimmed)}: {exc}; leave them out") from None
+        console.print(f"skipping {', '.join(trimmed)}: {exc}")
+        return tuple(name for name in names if not _is_trimmed(name))
+    return names
+
+
 def _write_run(
     folder: Path, source: RunDir, cfg: RunConfig, variant: dict[str, Any], write_model: Callable[[Path], None]
 ) -> None:
@@ -175,9 +227,17 @@ class _Builder:
     """Builds and measures variants into ``work`` (the staging copy of OUT)."""
 
     def __init__(
-        self, source: RunDir, cfg: RunConfig, data: _Data, work: Path, options: OptimizeOptions, console: Console
+        self,
+        source: RunDir,
+        cfg: RunConfig,
+        data: _Data,
+        work: Path,
+        options: OptimizeOptions,
+        console: Console,
+        vocab_sample: list[str] | None = None,
     ) -> None:
         self.source, self.cfg, self.work, self.options, self.console = source, cfg, work, options, console
+        self.vocab_sample = vocab_sample or []
         self.model, self.tokenizer = load_run_classifier(source, prefer="model" if source.has_full_model else "adapter")
         if not source.has_full_model:
             from tuneforge.adapters import merge_adapter
@@ -194,20 +254,35 @@ class _Builder:
         max_length = cfg.model.max_length
         self.val_ids = encode_texts(self.tokenizer, self.data.validation.texts, max_length)
         self.val_y = [index[y] for y in self.data.validation.labels]
+        # A trimmed variant numbers its pieces anew: its validation ids come from its own tokenizer.
+        self._encoded: list[tuple[Any, list[list[int]], int]] = [(self.tokenizer, self.val_ids, self.pad_id)]
         self.measurements: list[Measurement] = []
+
+    def validation_ids(self, tokenizer: Any) -> tuple[list[list[int]], int]:
+        """The validation texts as ``tokenizer`` encodes them, and its padding id."""
+        for known, ids, pad_id in self._encoded:
+            if known is tokenizer:
+                return ids, pad_id
+        ids = encode_texts(tokenizer, self.data.validation.texts, self.cfg.model.max_length)
+        pad_id = tokenizer.pad_token_id or 0
+        self._encoded.append((tokenizer, ids, pad_id))
+        return ids, pad_id
 
     def variant_dir(self, name: str) -> Path:
         return self.work / "variants" / name
 
-    def _measure(self, name: str, classifier: Any, size_mb: float, parameters: int | None = None) -> None:
+    def _measure(
+        self, name: str, classifier: Any, tokenizer: Any, size_mb: float, parameters: int | None = None
+    ) -> None:
         self.console.print(f"measuring {name} ...")
+        val_ids, pad_id = self.validation_ids(tokenizer)
         result = measure(
             name,
             classifier,
-            self.val_ids,
+            val_ids,
             self.val_y,
             self.labels,
-            pad_id=self.pad_id,
+            pad_id=pad_id,
             size_mb=size_mb,
             parameters=parameters,
         )
@@ -222,32 +297,52 @@ class _Builder:
 
     # --- PyTorch variants -------------------------------------------------------------------------
 
-    def torch_variant(self, name: str, model: torch.nn.Module, *, quantize: bool = False, extra: dict | None = None):
+    def torch_variant(
+        self,
+        name: str,
+        model: torch.nn.Module,
+        tokenizer: Any = None,
+        *,
+        quantize: bool = False,
+        extra: dict | None = None,
+    ) -> None:
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         folder = self.variant_dir(name)
         info = {"name": name, "form": "model", "source_run": str(self.source.path), **(extra or {})}
         if quantize:
             info["quantize"] = "torch-dynamic-int8"
-        _write_run(folder, self.source, self.cfg, info, _save_hf(model, self.tokenizer))
+        _write_run(folder, self.source, self.cfg, info, _save_hf(model, tokenizer))
         reset_peak_rss()
         runnable = quantize_torch_dynamic(model) if quantize else model
         # int8 weights are a quarter of fp32, but stored fp32 (quantized at load): report what is on disk.
         size = folder_size_mb(folder / "model")
         parameters = sum(p.numel() for p in model.parameters())
-        self._measure(name, TorchClassifier(runnable), size, parameters)
+        self._measure(name, TorchClassifier(runnable), tokenizer, size, parameters)
 
-    def onnx_variant(self, name: str, model: torch.nn.Module, *, quantize: str | None) -> None:
+    def onnx_variant(
+        self,
+        name: str,
+        model: torch.nn.Module,
+        tokenizer: Any = None,
+        *,
+        quantize: str | None,
+        extra: dict | None = None,
+    ) -> None:
         from tuneforge.optimize.export import export_onnx, parity
         from tuneforge.optimize.quantize import quantize_onnx_dynamic, quantize_onnx_static
 
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        val_ids, pad_id = self.validation_ids(tokenizer)
         folder = self.variant_dir(name)
         info = {"name": name, "form": "onnx", "source_run": str(self.source.path), "quantize": quantize}
+        info.update(extra or {})
 
         def write(run_folder: Path) -> None:
             target = run_folder / ONNX_DIR / ONNX_FILE
             target.parent.mkdir(parents=True, exist_ok=True)
             if quantize is None:
                 export_onnx(model, target)
-                info["parity_max_abs_diff"] = parity(model, target, self.val_ids[:256], self.pad_id)
+                info["parity_max_abs_diff"] = parity(model, target, val_ids[:256], pad_id)
             else:
                 fp32 = run_folder / ONNX_DIR / "fp32.onnx"
                 export_onnx(model, fp32)
@@ -255,15 +350,15 @@ class _Builder:
                     quantize_onnx_dynamic(fp32, target)
                 else:
                     texts = self.train_texts().texts[:4096]
-                    calibration = encode_texts(self.tokenizer, texts, self.cfg.model.max_length)
-                    quantize_onnx_static(fp32, target, calibration, self.pad_id, max_samples=CALIBRATION_TEXTS)
+                    calibration = encode_texts(tokenizer, texts, self.cfg.model.max_length)
+                    quantize_onnx_static(fp32, target, calibration, pad_id, max_samples=CALIBRATION_TEXTS)
                 fp32.unlink()
-            self.tokenizer.save_pretrained(run_folder / ONNX_DIR)
+            tokenizer.save_pretrained(run_folder / ONNX_DIR)
 
         _write_run(folder, self.source, self.cfg, info, write)
         reset_peak_rss()
         classifier = OnnxClassifier(folder / ONNX_DIR / ONNX_FILE, threads=self.options.threads)
-        self._measure(name, classifier, folder_size_mb(folder / ONNX_DIR / ONNX_FILE))
+        self._measure(name, classifier, tokenizer, folder_size_mb(folder / ONNX_DIR / ONNX_FILE))
 
     # --- trained variants -------------------------------------------------------------------------
 
@@ -287,6 +382,33 @@ class _Builder:
         if self.data.train is None:  # _runnable_variants leaves out every variant that would get here
             raise RunDirError(f"{self.source.path}: the run's training data is not available")
         return self.data.train
+
+    def derived(self, base: str) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+        """The model, tokenizer and variant.json extras the variants named after ``base`` are made from."""
+        if base == "base":
+            return self.model, self.tokenizer, {}
+        if base == "trimmed":
+            return self.trimmed()
+        return getattr(self, base)(), self.tokenizer, {}
+
+    def trimmed(self) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+        import copy
+
+        from tuneforge.optimize.trim import trim_vocabulary
+
+        # Validation texts are left out on purpose: they stand for texts the model has not seen, so
+        # their accuracy shows what the pieces dropped cost.
+        texts = [*self.train_texts().texts, *self.vocab_sample]
+        model, tokenizer, report = trim_vocabulary(copy.deepcopy(self.model), self.tokenizer, texts)
+        self.console.print(
+            f"trimming the vocabulary to the pieces {len(texts)} texts use: "
+            f"{report.vocab_before} → {report.vocab_after} pieces, "
+            f"{report.parameters_before / 1e6:.1f}M → {report.parameters_after / 1e6:.1f}M parameters"
+        )
+        extra: dict[str, Any] = {"trim": report.to_dict()}
+        if self.options.vocab_sample is not None:
+            extra["vocab_sample"] = str(self.options.vocab_sample)
+        return model.eval(), tokenizer, extra
 
     def pruned(self) -> torch.nn.Module:
         import copy
@@ -353,6 +475,7 @@ def optimize_run(
     skipped = [name for name in check_variants(options.variants or VARIANTS) if name not in variants]
     need_train = any(name in NEEDS_TRAINING_DATA for name in variants)
     data = _measurement_data(cfg, source, options.data_file, need_train=need_train)
+    vocab_sample = _read_vocab_sample(options.vocab_sample) if any(_is_trimmed(n) for n in variants) else None
     if options.threads:
         torch.set_num_threads(options.threads)
     quiet_transformers()
@@ -360,23 +483,27 @@ def optimize_run(
     result: dict[str, Any] = {}
 
     def build(work: Path) -> None:
-        builder = _Builder(source, cfg, data, work, options, console)
-        models = {"base": builder.model}
-        for name in variants:
-            base = "pruned" if name.startswith("pruned") else "distilled" if name.startswith("distilled") else "base"
+        builder = _Builder(source, cfg, data, work, options, console, vocab_sample)
+        names = _trimmable_variants(
+            variants, builder.tokenizer, requested=options.variants is not None, console=console
+        )
+        skipped.extend(name for name in variants if name not in names)
+        models: dict[str, tuple[torch.nn.Module, Any, dict[str, Any]]] = {}
+        for name in names:
+            base = next((prefix for prefix in DERIVED_BASES if name.startswith(prefix)), "base")
             if base not in models:
-                models[base] = getattr(builder, base)()
-            model = models[base]
-            if name in ("torch-fp32", "pruned", "distilled"):
-                builder.torch_variant(name, model)
+                models[base] = builder.derived(base)
+            model, tokenizer, extra = models[base]
+            if name in ("torch-fp32", *DERIVED_BASES):
+                builder.torch_variant(name, model, tokenizer, extra=extra)
             elif name == "torch-int8":
-                builder.torch_variant(name, model, quantize=True)
+                builder.torch_variant(name, model, tokenizer, quantize=True)
             elif name == "onnx-fp32":
-                builder.onnx_variant(name, model, quantize=None)
+                builder.onnx_variant(name, model, tokenizer, quantize=None)
             elif name.endswith("onnx-int8"):
-                builder.onnx_variant(name, model, quantize="dynamic")
+                builder.onnx_variant(name, model, tokenizer, quantize="dynamic", extra=extra)
             elif name == "onnx-int8-static":
-                builder.onnx_variant(name, model, quantize="static")
+                builder.onnx_variant(name, model, tokenizer, quantize="static")
         shutil.rmtree(work / "scratch", ignore_errors=True)
         chosen, rejected = pick_variant(
             builder.measurements, baseline=BASELINE, max_drop=options.max_drop, target=options.target

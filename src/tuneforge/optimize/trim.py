@@ -69,10 +69,14 @@ def _model_state(tokenizer: Any) -> dict[str, Any]:
     if kind not in SUPPORTED_MODELS:
         raise ModelError(
             f"vocabulary trimming supports {' and '.join(SUPPORTED_MODELS)} tokenizers, not {kind or 'this one'}: "
-            "a BPE vocabulary's merges build pieces from smaller ones, so pieces cannot be dropped on their own; "
-            "leave the trimmed variants out (--variants)"
+            "a BPE vocabulary's merges build pieces from smaller ones, so pieces cannot be dropped on their own"
         )
     return state
+
+
+def check_trimmable(tokenizer: Any) -> None:
+    """Raise ModelError unless ``tokenizer`` is a fast WordPiece or Unigram tokenizer."""
+    _model_state(tokenizer)
 
 
 def _always_kept(state: dict[str, Any], tokenizer: Any) -> set[int]:
