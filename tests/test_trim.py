@@ -155,3 +155,55 @@ def test_bpe_tokenizer_is_refused() -> None:
     with pytest.raises(ModelError, match="supports WordPiece and Unigram tokenizers, not BPE"):
         trim_vocabulary(model, tokenizer, ["ab"])
     assert model.get_input_embeddings().weight.shape[0] == 4  # refused before anything changed
+
+
+@pytest.mark.parametrize("processor", ["template", "roberta", "bert"])
+def test_special_tokens_after_the_pieces_are_renumbered(processor: str) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = [("<unk>", 0.0), ("▁the", -2.0), ("▁cat", -3.0), ("▁dog", -3.0), ("▁", -4.0)]
+    pieces += [(c, -8.0) for c in "acdeghot"] + [("<pad>", 0.0), ("<s>", 0.0), ("</s>", 0.0)]
+    ids = {piece: i for i, (piece, _) in enumerate(pieces)}
+    backend = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    cls, sep = ("<s>", ids["<s>"]), ("</s>", ids["</s>"])
+    if processor == "template":
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[cls, sep])
+    else:
+        backend.post_processor = (
+            processors.RobertaProcessing if processor == "roberta" else processors.BertProcessing
+        )(sep, cls)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    model = _tiny_bert(tokenizer)
+
+    trimmed, trimmed_tokenizer, _ = trim_vocabulary(model, tokenizer, ["the cat"])
+
+    encoded = trimmed_tokenizer("the cat the dog").input_ids
+    assert trimmed_tokenizer.convert_ids_to_tokens(encoded) == ["<s>", "▁the", "▁cat", "▁the", "<unk>", "</s>"]
+    # <unk> ▁the ▁cat <pad> <s> </s>, and the lowest-scoring piece that keeps the unknown token's score.
+    assert max(encoded) < trimmed.config.vocab_size == len(trimmed_tokenizer) == 7
+
+
+def test_tied_output_embeddings_are_trimmed_with_the_input_ones() -> None:
+    from transformers import BertConfig, BertForMaskedLM
+
+    tokenizer = _unigram_tokenizer("generic")
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    torch.manual_seed(0)
+    model = BertForMaskedLM(config).eval()
+    batch = tokenizer(UNIGRAM_KEPT[0], return_tensors="pt")
+    with torch.no_grad():
+        before = model(**batch).logits
+
+    trimmed, trimmed_tokenizer, _ = trim_vocabulary(model, tokenizer, UNIGRAM_TRAIN)
+
+    assert trimmed.get_output_embeddings().weight is trimmed.get_input_embeddings().weight
+    with torch.no_grad():
+        after = trimmed(**trimmed_tokenizer(UNIGRAM_KEPT[0], return_tensors="pt")).logits
+    kept = tokenizer.convert_tokens_to_ids(trimmed_tokenizer.convert_ids_to_tokens(list(range(len(trimmed_tokenizer)))))
+    assert after.shape[-1] == len(kept) and torch.allclose(before[..., kept], after, atol=1e-5)
