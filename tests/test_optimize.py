@@ -158,10 +158,13 @@ def test_trimmed_variants_are_built_measured_and_predict(tiny_run: Path, tmp_pat
     assert Predictor(out).predict(texts)  # the chosen variant's run directory
 
 
-def test_missing_vocab_sample_is_an_error_before_anything_is_built(tiny_run: Path, tmp_path: Path) -> None:
+def test_bad_vocab_sample_is_an_error_before_anything_is_built(tiny_run: Path, tmp_path: Path) -> None:
     from tuneforge.errors import DataError
 
     options = OptimizeOptions(variants=("trimmed",), vocab_sample=tmp_path / "nope.txt")
     with pytest.raises(DataError, match=r"--vocab-sample: .*nope.txt: file not found"):
         optimize_run(tiny_run, out_dir=tmp_path / "o", options=options)
     assert not (tmp_path / "o").exists()
+    options = OptimizeOptions(variants=("onnx-fp32",), vocab_sample=tmp_path / "nope.txt")
+    with pytest.raises(ConfigError, match="--vocab-sample: only the trimmed variants use it"):
+        optimize_run(tiny_run, out_dir=tmp_path / "o", options=options)

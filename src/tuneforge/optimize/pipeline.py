@@ -475,7 +475,10 @@ def optimize_run(
     skipped = [name for name in check_variants(options.variants or VARIANTS) if name not in variants]
     need_train = any(name in NEEDS_TRAINING_DATA for name in variants)
     data = _measurement_data(cfg, source, options.data_file, need_train=need_train)
-    vocab_sample = _read_vocab_sample(options.vocab_sample) if any(_is_trimmed(n) for n in variants) else None
+    trimming = any(_is_trimmed(name) for name in variants)
+    if options.vocab_sample is not None and not trimming and options.variants is not None:
+        raise ConfigError("--vocab-sample: only the trimmed variants use it; add them to --variants or leave it out")
+    vocab_sample = _read_vocab_sample(options.vocab_sample) if trimming else None
     if options.threads:
         torch.set_num_threads(options.threads)
     quiet_transformers()
