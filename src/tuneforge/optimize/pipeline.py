@@ -67,14 +67,8 @@ VARIANTS = (
 BASELINE = "torch-fp32"
 # Variants made from the run's training texts (static calibration, vocabulary, importance scores,
 # distillation).
-NEEDS_TRAINING_DATA = (
-    "onnx-int8-static",
-    "pruned",
-    "pruned-onnx-int8",
-    "distilled",
-    "distilled-onnx-int8",
-    "trimmed",
-    "trimmed-onnx-int8",
+NEEDS_TRAINING_DATA = tuple(
+    v for v in VARIANTS if v == "onnx-int8-static" or v.startswith(("pruned", "distilled", "trimmed"))
 )
 # The model each derived variant starts from (a torch model and its tokenizer), by name prefix.
 DERIVED_BASES = ("trimmed", "pruned", "distilled")
