@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +56,16 @@ DATASETS = {
 
 def dataset(name: str) -> Dataset:
     return DATASETS[name].check()
+
+
+def append_result(path: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Stamp ``record`` with the date and machine and append it as one JSON line to ``path``."""
+    record = {
+        **record,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+    return record

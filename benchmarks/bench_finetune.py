@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-from bench_data import DATASETS, RESULTS_DIR, dataset
+from bench_data import DATASETS, RESULTS_DIR, append_result, dataset
 from tuneforge.config import apply_overrides, validate_config
 from tuneforge.data import LabelledTexts, clean_texts, read_labelled_file, stratified_subsample
 from tuneforge.data.batching import encode_texts
@@ -58,15 +56,7 @@ def _files(name: str) -> tuple[Path, Path, str, str, str]:
 
 
 def _record(result: dict) -> None:
-    result |= {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores",
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(result) + "\n")
-    print(json.dumps(result, indent=2))
+    print(json.dumps(append_result(RESULTS, {**result, "threads": torch.get_num_threads()}), indent=2))
 
 
 def run_accuracy(name: str, overrides: dict) -> None:

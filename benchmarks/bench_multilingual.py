@@ -21,14 +21,13 @@ import argparse
 import csv
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-from bench_data import DATA_DIR, RESULTS_DIR, dataset
+from bench_data import DATA_DIR, RESULTS_DIR, append_result, dataset
+from tuneforge.data import read_labelled_file
 
 RESULTS = RESULTS_DIR / "multilingual.jsonl"
 SPLIT_SEED = 42
@@ -67,9 +66,8 @@ def split_files(name: str) -> tuple[Path, Path, str, str]:
 
 
 def _read(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t" if path.suffix == ".tsv" else ","))
-    return [r[text_column] for r in rows], [r[label_column].strip() for r in rows]
+    data = read_labelled_file(path, text_column=text_column, label_column=label_column)
+    return data.texts, data.labels
 
 
 def run_tfidf(name: str) -> list[dict]:
@@ -213,16 +211,7 @@ def run_model(name: str, model: str, overrides: list[str], optimize: str, reuse:
 
 
 def _record(name: str, result: dict) -> None:
-    result = {
-        "dataset": name,
-        **result,
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores",
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(result) + "\n")
-    print(json.dumps(result, indent=2))
+    print(json.dumps(append_result(RESULTS, {"dataset": name, **result}), indent=2))
 
 
 def main() -> None:

@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
+
+from bench_data import append_result
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("TUNEFORGE_DATA_DIR", ROOT.parent / "shared" / "data"))
@@ -149,12 +149,8 @@ def main() -> None:
         "subsample": args.subsample,
         "overrides": args.overrides,
         "rows": rows,
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores",
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append_result(RESULTS, record)
     print()
     print(_table(rows))
 

@@ -194,6 +194,10 @@ def read_e5_image(path: Path | str) -> E5Image:
 
 
 def _expected_shapes(h: E5Header) -> dict[str, tuple[int, ...]]:
+    square = (h.hidden, h.hidden)
+    # Every other tensor of a layer (biases, LayerNorms) is a vector of the hidden size.
+    layer = {"q.w": square, "k.w": square, "v.w": square, "ao.w": square}
+    layer |= {"fi.w": (h.ffn, h.hidden), "fi.b": (h.ffn,), "fo.w": (h.hidden, h.ffn)}
     shapes: dict[str, tuple[int, ...]] = {
         "emb.word": (h.vocab, h.hidden),
         "emb.pos": (h.max_positions, h.hidden),
@@ -201,20 +205,8 @@ def _expected_shapes(h: E5Header) -> dict[str, tuple[int, ...]]:
         "emb.ln.w": (h.hidden,),
         "emb.ln.b": (h.hidden,),
     }
-    for layer in range(h.layers):
-        for short in _LAYER_TENSORS:
-            kind, part = short.split(".")
-            if part == "w" and kind in ("q", "k", "v", "ao"):
-                shape: tuple[int, ...] = (h.hidden, h.hidden)
-            elif short == "fi.w":
-                shape = (h.ffn, h.hidden)
-            elif short == "fo.w":
-                shape = (h.hidden, h.ffn)
-            elif short == "fi.b":
-                shape = (h.ffn,)
-            else:
-                shape = (h.hidden,)
-            shapes[f"l{layer}.{short}"] = shape
+    for index in range(h.layers):
+        shapes |= {f"l{index}.{short}": layer.get(short, (h.hidden,)) for short in _LAYER_TENSORS}
     return shapes
 
 
