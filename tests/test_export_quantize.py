@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from tests.conftest import make_rows
 from tuneforge.data.batching import collate, encode_texts
 from tuneforge.errors import ModelError
-from tuneforge.models.loading import predict_logits
+from tuneforge.models.loading import predict_logits, predict_logits_and_features
 from tuneforge.models.onnx_runtime import OnnxClassifier
 from tuneforge.optimize.export import export_onnx, parity
 from tuneforge.optimize.quantize import (
@@ -97,7 +97,7 @@ def test_export_has_named_dynamic_inputs_and_matches_torch(
 ) -> None:
     graph = onnx.load(str(fp32_onnx)).graph
     assert [node.name for node in graph.input] == ["input_ids", "attention_mask"]
-    assert [node.name for node in graph.output] == ["logits"]
+    assert [node.name for node in graph.output] == ["logits", "features"]
     for node in graph.input:
         assert node.type.tensor_type.elem_type == onnx.TensorProto.INT64
         assert [dim.dim_param for dim in node.type.tensor_type.shape.dim] == ["batch", "sequence"]
@@ -113,6 +113,14 @@ def test_export_has_named_dynamic_inputs_and_matches_torch(
         [got] = session.run(["logits"], {name: tensor.numpy() for name, tensor in batch.items()})
         assert got.shape == (len(rows), 3)
         np.testing.assert_allclose(got, expected, atol=1e-4)
+
+    # The features output is what the head reads, as the PyTorch path captures it, row for row.
+    onnx_logits, onnx_features = OnnxClassifier(fp32_onnx).logits_and_features(encoded, pad_id=pad_id, batch_size=7)
+    torch_logits, torch_features = predict_logits_and_features(model, encoded, pad_id=pad_id, batch_size=5)
+    assert onnx_features.shape == torch_features.shape == (len(encoded), model.config.hidden_size)
+    np.testing.assert_allclose(onnx_features, torch_features, atol=1e-4)
+    np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-4)
+    assert float(torch_features.std(axis=0).mean()) > 1e-3, "features that do not vary would make the check vacuous"
 
 
 def test_export_is_atomic_and_restores_training_mode(

@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tuneforge.data.batching import encode_texts
 from tuneforge.data.cleaning import clean_text
 from tuneforge.errors import RunDirError
+from tuneforge.infer.openset import OpenSetDetector, load_detector
 from tuneforge.models.loading import softmax
 from tuneforge.models.runs import load_run_backend
 from tuneforge.rundir import RunDir, open_run_dir
@@ -17,16 +19,28 @@ from tuneforge.rundir import RunDir, open_run_dir
 
 @dataclass(frozen=True)
 class Prediction:
+    """One text's answer. With an out-of-scope detector in the run, also ``decision`` (in_scope,
+    out_of_scope or ambiguous), the detector's ``score`` and the ``candidates`` a bot can offer:
+    the best two intents when ambiguous, the nearest one when out of scope (``label`` is then the OOS label)."""
+
     label: str
     probability: float
     top_k: list[tuple[str, float]] = field(default_factory=list)
+    decision: str | None = None
+    score: float | None = None
+    candidates: list[tuple[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "label": self.label,
             "probability": round(self.probability, 6),
             "top_k": [{"label": label, "probability": round(p, 6)} for label, p in self.top_k],
         }
+        if self.decision is not None:
+            out["decision"] = self.decision
+            out["score"] = round(float(self.score or 0.0), 6)
+            out["candidates"] = [{"label": label, "probability": round(p, 6)} for label, p in self.candidates]
+        return out
 
 
 def check_label_count(run: RunDir, labels: list[str], outputs: int) -> None:
@@ -49,6 +63,7 @@ class Predictor:
         batch_size: int = 64,
         form: str = "auto",
         spin: bool = True,
+        open_set: bool = True,
     ) -> None:
         self.run: RunDir = open_run_dir(run_dir)
         if threads:
@@ -63,17 +78,56 @@ class Predictor:
         self.chinese_script: str | None = config.data.chinese_script if config else None
         self.batch_size = batch_size
         self.pad_id = self.tokenizer.pad_token_id or 0
+        # ``open_set=False`` ignores a fitted detector: plain closed-set classification.
+        self.detector: OpenSetDetector | None = load_detector(self.run.path, self.labels) if open_set else None
+        if self.detector is not None and self.detector.needs_features and not self.classifier.has_features:
+            raise RunDirError(
+                f"{self.run.path}: its {self.detector.method} detector needs the model's features, which this "
+                f"{self.form} model does not output (an ONNX export from before the intent engine); export "
+                "the variant again with tuneforge optimize, or fit an msp or energy detector"
+            )
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        cleaned = [clean_text(t, lowercase=self.lowercase, chinese_script=self.chinese_script) for t in texts]
+        return encode_texts(self.tokenizer, cleaned, self.max_length)
+
+    def logits_and_features(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The logits and the feature vectors the classifier head reads (what the detector scores)."""
+        return self.classifier.logits_and_features(self._encode(texts), pad_id=self.pad_id, batch_size=self.batch_size)
 
     def predict_proba(self, texts: list[str]) -> list[list[float]]:
-        cleaned = [clean_text(t, lowercase=self.lowercase, chinese_script=self.chinese_script) for t in texts]
-        ids = encode_texts(self.tokenizer, cleaned, self.max_length)
-        logits = self.classifier.logits(ids, pad_id=self.pad_id, batch_size=self.batch_size)
+        logits = self.classifier.logits(self._encode(texts), pad_id=self.pad_id, batch_size=self.batch_size)
         return softmax(logits).tolist()
 
     def predict(self, texts: list[str], *, top_k: int = 1) -> list[Prediction]:
+        if self.detector is not None:
+            return self._predict_open_set(texts, self.detector, top_k)
         results = []
         for row in self.predict_proba(texts):
             ranked = sorted(zip(self.labels, row, strict=True), key=lambda item: item[1], reverse=True)
             best_label, best_p = ranked[0]
             results.append(Prediction(best_label, float(best_p), [(lab, float(p)) for lab, p in ranked[:top_k]]))
+        return results
+
+    def _predict_open_set(self, texts: list[str], detector: OpenSetDetector, top_k: int) -> list[Prediction]:
+        encoded = self._encode(texts)
+        if detector.needs_features:
+            logits, features = self.classifier.logits_and_features(
+                encoded, pad_id=self.pad_id, batch_size=self.batch_size
+            )
+        else:
+            logits, features = self.classifier.logits(encoded, pad_id=self.pad_id, batch_size=self.batch_size), None
+        results = []
+        for row, decided in zip(softmax(logits), detector.decide(logits, features), strict=True):
+            order = np.argsort(-row)[:top_k]
+            results.append(
+                Prediction(
+                    decided.label,
+                    decided.probability,
+                    [(self.labels[j], float(row[j])) for j in order],
+                    decision=decided.decision,
+                    score=decided.score,
+                    candidates=decided.candidates,
+                )
+            )
         return results

@@ -78,6 +78,40 @@ def load_classifier(model_dir: Path) -> tuple[torch.nn.Module, PreTrainedTokeniz
     return model, tokenizer
 
 
+def classifier_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The last layer that maps features to the labels: its input is the text's feature vector.
+
+    BERT: ``classifier`` (its input is the pooler's output); DistilBERT: ``classifier`` after
+    ``pre_classifier``; RoBERTa: ``classifier.out_proj``; with an adapter, the trained copy of the head.
+    A dynamically quantized Linear is no ``nn.Linear`` but keeps ``out_features``, hence the duck typing.
+    """
+    num_labels = int(model.config.num_labels)
+    heads = [
+        module
+        for module in model.modules()
+        if "Linear" in type(module).__name__
+        and getattr(module, "out_features", None) == num_labels
+        and not any(True for _ in module.children())
+    ]
+    if not heads:
+        raise ModelError(f"{type(model).__name__}: no output layer with {num_labels} outputs found")
+    return heads[-1]
+
+
+class _HeadInputs:
+    """Collects what goes into the classifier head during a forward pass (a forward pre-hook)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.captured: torch.Tensor | None = None
+        self._handle = classifier_head(model).register_forward_pre_hook(self._capture)
+
+    def _capture(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self.captured = args[0]
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
 @torch.inference_mode()
 def predict_logits(
     model: torch.nn.Module,
@@ -91,19 +125,55 @@ def predict_logits(
 
     ``on_batch`` is called with the number of texts in each finished batch (for a progress bar).
     """
+    return _predict(model, encoded, pad_id=pad_id, batch_size=batch_size, on_batch=on_batch)[0]
+
+
+@torch.inference_mode()
+def predict_logits_and_features(
+    model: torch.nn.Module, encoded: list[list[int]], *, pad_id: int, batch_size: int = 128
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and the feature vectors the classifier head reads (e.g. BERT's pooled output), in input order."""
+    logits, features = _predict(model, encoded, pad_id=pad_id, batch_size=batch_size, features=True)
+    assert features is not None
+    return logits, features
+
+
+def _predict(
+    model: torch.nn.Module,
+    encoded: list[list[int]],
+    *,
+    pad_id: int,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None = None,
+    features: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
     was_training = model.training
     model.eval()
     num_labels = model.config.num_labels
     logits = np.zeros((len(encoded), num_labels), dtype=np.float32)
+    head_inputs = _HeadInputs(model) if features else None
+    feature_rows: np.ndarray | None = None
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
-    for start in range(0, len(order), batch_size):
-        indices = order[start : start + batch_size]
-        batch = collate([encoded[i] for i in indices], pad_id)
-        logits[indices] = model(**batch).logits.float().numpy()
-        if on_batch is not None:
-            on_batch(len(indices))
-    model.train(was_training)
-    return logits
+    try:
+        for start in range(0, len(order), batch_size):
+            indices = order[start : start + batch_size]
+            batch = collate([encoded[i] for i in indices], pad_id)
+            logits[indices] = model(**batch).logits.float().numpy()
+            if head_inputs is not None and head_inputs.captured is not None:
+                captured = head_inputs.captured.float().reshape(len(indices), -1).numpy()
+                if feature_rows is None:
+                    feature_rows = np.zeros((len(encoded), captured.shape[1]), dtype=np.float32)
+                feature_rows[indices] = captured
+            if on_batch is not None:
+                on_batch(len(indices))
+    finally:
+        if head_inputs is not None:
+            head_inputs.close()
+        model.train(was_training)
+    if features and feature_rows is None:
+        width = classifier_head(model).in_features
+        feature_rows = np.zeros((0, width), dtype=np.float32)
+    return logits, feature_rows
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

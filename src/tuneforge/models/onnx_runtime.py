@@ -13,6 +13,7 @@ from tuneforge.data.batching import collate
 from tuneforge.errors import ModelError
 
 _REQUIRED_INPUTS = ("input_ids", "attention_mask")
+FEATURES_OUTPUT = "features"
 _ORT_INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
@@ -68,6 +69,8 @@ class OnnxClassifier:
         outputs = self.session.get_outputs()
         names = [node.name for node in outputs]
         self._output = "logits" if "logits" in names else names[0]
+        # Exports since the intent engine also output what the head reads; older ones have logits only.
+        self._features = FEATURES_OUTPUT if FEATURES_OUTPUT in names else None
         shape = next(node.shape for node in outputs if node.name == self._output)
         if len(shape) != 2:
             raise ModelError(f"{self.path}: output {self._output} has shape {shape}, expected (batch, labels)")
@@ -77,6 +80,9 @@ class OnnxClassifier:
             self.num_labels = int(self._run({"input_ids": np.zeros((1, 1), np.int64)}).shape[1])
 
     def _run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        return self._run_outputs(batch, [self._output])[0]
+
+    def _run_outputs(self, batch: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         ids = batch["input_ids"]
         feed = {
             "input_ids": ids,
@@ -84,7 +90,7 @@ class OnnxClassifier:
             "token_type_ids": np.zeros_like(ids),
         }
         feed = {name: feed[name].astype(dtype, copy=False) for name, dtype in self._input_types.items()}
-        return self.session.run([self._output], feed)[0]
+        return self.session.run(outputs, feed)
 
     def logits(self, encoded: list[list[int]], *, pad_id: int, batch_size: int = 64) -> np.ndarray:
         """Logits for pre-tokenised texts, in input order; batches are length-sorted so padding is minimal."""
@@ -97,6 +103,36 @@ class OnnxClassifier:
             batch = collate([encoded[i] for i in indices], pad_id)
             logits[indices] = self._run({name: tensor.numpy() for name, tensor in batch.items()})
         return logits
+
+    @property
+    def has_features(self) -> bool:
+        return self._features is not None
+
+    def logits_and_features(
+        self, encoded: list[list[int]], *, pad_id: int, batch_size: int = 64
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and the head's input features, in input order (exports with a ``features`` output)."""
+        if self._features is None:
+            raise ModelError(
+                f"{self.path}: this ONNX export has no '{FEATURES_OUTPUT}' output (exported before the intent "
+                "engine); export it again with tuneforge optimize"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        logits = np.zeros((len(encoded), self.num_labels), dtype=np.float32)
+        features: np.ndarray | None = None
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+        for start in range(0, len(order), batch_size):
+            indices = order[start : start + batch_size]
+            batch = collate([encoded[i] for i in indices], pad_id)
+            out_logits, out_features = self._run_outputs(
+                {name: tensor.numpy() for name, tensor in batch.items()}, [self._output, self._features]
+            )
+            if features is None:
+                features = np.zeros((len(encoded), out_features.shape[1]), dtype=np.float32)
+            logits[indices] = out_logits
+            features[indices] = out_features
+        return logits, features if features is not None else np.zeros((0, 0), dtype=np.float32)
 
     def __repr__(self) -> str:
         return f"OnnxClassifier({str(self.path)!r}, num_labels={self.num_labels})"

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tuneforge.errors import ModelError, RunDirError
-from tuneforge.models.loading import load_classifier, predict_logits
+from tuneforge.models.loading import load_classifier, predict_logits, predict_logits_and_features
 from tuneforge.pretrained import resolve_model
 from tuneforge.rundir import ONNX_DIR, RunDir
 
@@ -33,6 +33,15 @@ class Classifier(Protocol):
 
     def logits(self, encoded: list[list[int]], *, pad_id: int, batch_size: int = 64) -> np.ndarray: ...
 
+    @property
+    def has_features(self) -> bool: ...
+
+    def logits_and_features(
+        self, encoded: list[list[int]], *, pad_id: int, batch_size: int = 64
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and the feature vectors the classifier head reads; ``ModelError`` if the form has none."""
+        ...
+
 
 @dataclass
 class TorchClassifier:
@@ -44,6 +53,15 @@ class TorchClassifier:
 
     def logits(self, encoded: list[list[int]], *, pad_id: int, batch_size: int = 64) -> np.ndarray:
         return predict_logits(self.model, encoded, pad_id=pad_id, batch_size=batch_size)
+
+    @property
+    def has_features(self) -> bool:
+        return True
+
+    def logits_and_features(
+        self, encoded: list[list[int]], *, pad_id: int, batch_size: int = 64
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return predict_logits_and_features(self.model, encoded, pad_id=pad_id, batch_size=batch_size)
 
 
 def run_base_model_name(run: RunDir) -> str:

@@ -9,21 +9,32 @@ import numpy as np
 import torch
 
 from tuneforge.files import atomic_write_with
+from tuneforge.models.loading import classifier_head
+from tuneforge.models.onnx_runtime import FEATURES_OUTPUT
 from tuneforge.models.pruned import sliced_state_dict
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "logits"
 
 
-class _LogitsOnly(torch.nn.Module):
-    """``model(input_ids, attention_mask).logits`` as a plain two-input, one-output module for tracing."""
+class _LogitsAndFeatures(torch.nn.Module):
+    """``model(input_ids, attention_mask)`` as a plain two-input module for tracing, with two outputs: the
+    logits and the features the classifier head reads (the intent engine's out-of-scope detector needs
+    them from the very variant that serves)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.head = classifier_head(model)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        captured: list[torch.Tensor] = []
+        handle = self.head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        finally:
+            handle.remove()
+        return logits, captured[0].reshape(logits.shape[0], -1)
 
 
 def _example_inputs(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,8 +54,9 @@ def _example_inputs(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]
 def export_onnx(model: torch.nn.Module, path: Path, *, opset: int = 17) -> Path:
     """Write ``model`` (a plain transformers sequence classifier) as ONNX to ``path``, atomically.
 
-    Inputs ``input_ids`` and ``attention_mask`` (int64, ``[batch, sequence]``), output ``logits``
-    (``[batch, num_labels]``); batch and sequence axes are dynamic. Uses the TorchScript exporter
+    Inputs ``input_ids`` and ``attention_mask`` (int64, ``[batch, sequence]``), outputs ``logits``
+    (``[batch, num_labels]``) and ``features`` (``[batch, hidden]``, what the head reads); batch and
+    sequence axes are dynamic. Uses the TorchScript exporter
     (``dynamo=False``): no extra dependencies, and it matches PyTorch to ~1e-7 for BERT-like models.
     The file is checked with ``onnx.checker`` before it replaces ``path``.
     """
@@ -53,12 +65,13 @@ def export_onnx(model: torch.nn.Module, path: Path, *, opset: int = 17) -> Path:
     path = Path(path)
     was_training = model.training
     model.eval()
-    wrapper = _LogitsOnly(model).eval()
+    wrapper = _LogitsAndFeatures(model).eval()
     example = _example_inputs(model)
     dynamic_axes = {
         "input_ids": {0: "batch", 1: "sequence"},
         "attention_mask": {0: "batch", 1: "sequence"},
         OUTPUT_NAME: {0: "batch"},
+        FEATURES_OUTPUT: {0: "batch"},
     }
 
     def write(tmp: Path) -> None:
@@ -76,7 +89,7 @@ def export_onnx(model: torch.nn.Module, path: Path, *, opset: int = 17) -> Path:
                 example,
                 str(tmp),
                 input_names=list(INPUT_NAMES),
-                output_names=[OUTPUT_NAME],
+                output_names=[OUTPUT_NAME, FEATURES_OUTPUT],
                 dynamic_axes=dynamic_axes,
                 opset_version=opset,
                 do_constant_folding=True,
