@@ -42,7 +42,7 @@ from tuneforge.serve.batcher import (
 )
 from tuneforge.serve.metrics import ServeMetrics
 from tuneforge.serve.middleware import INTERNAL_ERROR, RequestContextMiddleware, error_response, request_id_of
-from tuneforge.serve.model import ServableModel, describe_model, load_predictor
+from tuneforge.serve.model import OpenSetAnswers, ServableModel, answer_batch, describe_model, load_predictor
 from tuneforge.serve.schemas import ClassifyResponse, ErrorResponse, ModelInfo, classify_request_model
 from tuneforge.serve.settings import ServeSettings
 
@@ -81,6 +81,8 @@ class ServeState:
         self.model_factory = model_factory
         self.metrics = ServeMetrics()
         self.model: ServableModel | None = None
+        # Set with the model: probabilities only, or (the run has a detector) decisions too.
+        self.answer: Callable[[list[str]], np.ndarray | OpenSetAnswers] | None = None
         self.info: dict[str, Any] | None = None
         self.load_error: str | None = None
         self.batcher: DynamicBatcher | None = None
@@ -105,16 +107,18 @@ class ServeState:
             return "loading"
         return "stuck" if self.stuck else "ready"
 
-    def infer(self, texts: list[str]) -> np.ndarray:
-        assert self.model is not None  # submit() is only reached once the model is ready
-        return np.asarray(self.model.predict_proba(texts), dtype=np.float32)
+    def infer(self, texts: list[str]) -> np.ndarray | OpenSetAnswers:
+        assert self.answer is not None  # submit() is only reached once the model is ready
+        return self.answer(texts)
 
     def load(self, loop: asyncio.AbstractEventLoop) -> None:
         """Runs in a background thread: load, warm up, then hand the model to the event loop."""
         try:
             model = self.model_factory(self.settings)
-            # The first call pays for lazy initialisation (kernels, allocator); do it before /ready.
-            model.predict_proba(["warm up"])
+            answer = answer_batch(model)
+            # The first call pays for lazy initialisation (kernels, allocator); do it before /ready,
+            # through the same path requests take (a detector's too).
+            answer(["warm up"])
             info = describe_model(self.settings, model)
         except Exception as exc:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -124,7 +128,7 @@ class ServeState:
                 logger.exception("the model could not be loaded")
             self._call_in_loop(loop, self._failed, message)
             return
-        self._call_in_loop(loop, self._loaded, model, info)
+        self._call_in_loop(loop, self._loaded, model, answer, info)
 
     @staticmethod
     def _call_in_loop(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
@@ -133,11 +137,21 @@ class ServeState:
         except RuntimeError:
             pass  # the server stopped while the model was loading
 
-    def _loaded(self, model: ServableModel, info: dict[str, Any]) -> None:
+    def _loaded(
+        self, model: ServableModel, answer: Callable[[list[str]], np.ndarray | OpenSetAnswers], info: dict[str, Any]
+    ) -> None:
         self.info = info
+        self.answer = answer
         self.model = model
         self.metrics.model_ready.set(1)
-        logger.info("model ready: %s (%s, %d labels)", info["run_dir"], info["form"], info["num_labels"])
+        detector = info.get("detector")
+        logger.info(
+            "model ready: %s (%s, %d labels%s)",
+            info["run_dir"],
+            info["form"],
+            info["num_labels"],
+            f", {detector['method']} out-of-scope detector" if detector else "",
+        )
 
     def _failed(self, message: str) -> None:
         self.load_error = message
@@ -201,6 +215,18 @@ def _rank(probabilities: np.ndarray, labels: list[str], top_k: int) -> list[list
     # argsort of the negated row: highest first; stable, so ties keep label order.
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
     return [[(labels[j], float(row[j])) for j in idx] for row, idx in zip(probabilities, order, strict=True)]
+
+
+def _decision_fields(prediction: Any) -> dict[str, Any]:
+    """The open-set part of an answer (a :class:`tuneforge.infer.predictor.Prediction` with a decision):
+    the label is the detector's (the OOS label when out of scope), not necessarily the top of top_k."""
+    return {
+        "label": prediction.label,
+        "probability": round(float(prediction.probability), 6),
+        "decision": prediction.decision,
+        "score": round(float(prediction.score), 6),
+        "candidates": [{"label": label, "probability": round(float(p), 6)} for label, p in prediction.candidates],
+    }
 
 
 def _playground_html() -> str:
@@ -314,7 +340,7 @@ def create_app(settings: ServeSettings, *, model_factory: ModelFactory | None = 
             texts = [text[: settings.max_chars] for text in texts]
         retry = {"Retry-After": str(settings.retry_after_s)}
         try:
-            probabilities = await _unless_client_leaves(
+            answers = await _unless_client_leaves(
                 request, state.batcher.submit(texts, timeout_s=settings.request_timeout_s)
             )
         except QueueFullError:
@@ -329,9 +355,13 @@ def create_app(settings: ServeSettings, *, model_factory: ModelFactory | None = 
         except InferenceTimeoutError as exc:
             state.metrics.rejected.labels("deadline_in_model").inc()
             raise ApiError(504, str(exc)) from None
-        if probabilities is None:
+        if answers is None:
             state.metrics.rejected.labels("client_gone").inc()
             return Response(status_code=CLIENT_GONE)
+        if isinstance(answers, OpenSetAnswers):
+            probabilities, decided = answers.probabilities, answers.predictions
+        else:
+            probabilities, decided = answers, None
         ranked = _rank(probabilities, state.model.labels, body.top_k)
         predictions = [
             {
@@ -342,6 +372,9 @@ def create_app(settings: ServeSettings, *, model_factory: ModelFactory | None = 
             }
             for top, cut in zip(ranked, truncated, strict=True)
         ]
+        if decided is not None:
+            for item, prediction in zip(predictions, decided, strict=True):
+                item.update(_decision_fields(prediction))
         started = request.scope.get("state", {}).get("started", time.perf_counter())
         content = {
             "request_id": rid,
@@ -435,7 +468,7 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _unless_client_leaves(request: Request, work: Coroutine[Any, Any, np.ndarray]) -> np.ndarray | None:
+async def _unless_client_leaves(request: Request, work: Coroutine[Any, Any, Any]) -> Any:
     """The result of ``work``, or None if the client goes away first (``work`` is then cancelled,
     which takes a still-queued request out of the queue: nobody would read its answer)."""
     task = asyncio.ensure_future(work)
@@ -449,5 +482,4 @@ async def _unless_client_leaves(request: Request, work: Coroutine[Any, Any, np.n
             await asyncio.wait({task})  # let the cancellation withdraw the request from the queue
     if task.cancelled():
         return None
-    result: np.ndarray = task.result()
-    return result
+    return task.result()

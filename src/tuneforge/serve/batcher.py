@@ -14,6 +14,10 @@ one, so that only the request that caused the error gets it. A request has a dea
 request still queued is withdrawn (:class:`QueueTimeoutError`) and one in the model is answered
 without waiting further (:class:`InferenceTimeoutError`); a model call that takes far longer than
 any deadline shows in :attr:`DynamicBatcher.busy_for`, which readiness checks.
+
+A model call answers a whole batch with one object of per-text answers that is cut by request with a
+slice: an array of probabilities (one row per text), or anything else with ``len`` and slicing (the
+app's :class:`tuneforge.serve.model.OpenSetAnswers`, which adds each text's out-of-scope decision).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +37,8 @@ from tuneforge.serve.metrics import ServeMetrics
 
 logger = logging.getLogger("tuneforge.serve")
 
-InferFn = Callable[[list[str]], Sequence[Sequence[float]] | np.ndarray]
+# Rows of probabilities (a list of lists becomes an array), or a model's own sliceable per-batch answers.
+InferFn = Callable[[list[str]], Any]
 
 
 class QueueFullError(Exception):
@@ -54,7 +60,7 @@ class InferenceTimeoutError(Exception):
 @dataclass
 class _Pending:
     texts: list[str]
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[Any]
     enqueued: float = field(default_factory=time.monotonic)
     started: bool = False  # taken into a batch: the model has (or is about to have) its texts
 
@@ -105,8 +111,8 @@ class DynamicBatcher:
             self._wakeup = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._collect(), name="tuneforge-batcher")
 
-    async def submit(self, texts: list[str], *, timeout_s: float | None = None) -> np.ndarray:
-        """Probabilities for ``texts`` (one row each), once their batch has run.
+    async def submit(self, texts: list[str], *, timeout_s: float | None = None) -> Any:
+        """The model's answers for ``texts`` (probabilities: one row each), once their batch has run.
 
         ``timeout_s``: the deadline, queueing and inference together; past it this raises
         :class:`QueueTimeoutError` or :class:`InferenceTimeoutError`.
@@ -247,24 +253,28 @@ class DynamicBatcher:
             self._answer(pending, results[offset : offset + len(pending.texts)])
             offset += len(pending.texts)
 
-    async def _call(self, loop: asyncio.AbstractEventLoop, texts: list[str]) -> np.ndarray:
-        """One model call in the model thread: probabilities, one row per text."""
+    async def _call(self, loop: asyncio.AbstractEventLoop, texts: list[str]) -> Any:
+        """One model call in the model thread: its answers, one per text, to be sliced by request."""
         started = time.perf_counter()
         self._busy_since = time.monotonic()
         try:
-            probabilities = np.asarray(await loop.run_in_executor(self._executor, self._infer, texts))
+            answers = await loop.run_in_executor(self._executor, self._infer, texts)
         finally:
             self._busy_since = None
-        if probabilities.ndim != 2 or probabilities.shape[0] != len(texts):
-            raise RuntimeError(f"model returned shape {probabilities.shape} for {len(texts)} texts")
+        if isinstance(answers, np.ndarray | Sequence):  # rows of probabilities (a list of lists too)
+            answers = np.asarray(answers)
+            if answers.ndim != 2 or answers.shape[0] != len(texts):
+                raise RuntimeError(f"model returned shape {answers.shape} for {len(texts)} texts")
+        elif len(answers) != len(texts):
+            raise RuntimeError(f"model returned {len(answers)} answers for {len(texts)} texts")
         if self._metrics is not None:
             self._metrics.batch_seconds.observe(time.perf_counter() - started)
             self._metrics.batch_size.observe(len(texts))
             self._metrics.texts.inc(len(texts))
-        return probabilities
+        return answers
 
     @staticmethod
-    def _answer(pending: _Pending, result: np.ndarray | Exception) -> None:
+    def _answer(pending: _Pending, result: Any) -> None:
         if pending.future.done():  # its caller has gone or timed out
             return
         if isinstance(result, Exception):

@@ -7,7 +7,7 @@ limits and the one-of rule included, and a request that the schema allows is nev
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -118,11 +118,50 @@ class LabelScore(BaseModel):
     probability: float
 
 
+Decision = Literal["in_scope", "out_of_scope", "ambiguous"]
+# The answer's fields that only a run with an out-of-scope detector (RUN/intent/) sends.
+OPEN_SET_FIELDS = ("decision", "score", "candidates")
+
+
+def _open_set_fields_are_absent_not_null(schema: dict[str, Any]) -> None:
+    # Without a detector these keys are left out, never sent as null: publish them as optional, non-null.
+    for name in OPEN_SET_FIELDS:
+        prop = schema.get("properties", {}).get(name, {})
+        branches = [branch for branch in prop.pop("anyOf", []) if branch.get("type") != "null"]
+        if branches:
+            prop.update(branches[0])
+        prop.pop("default", None)
+
+
 class ClassifyResult(BaseModel):
-    label: str
-    probability: float
-    top_k: list[LabelScore]
+    """One text's answer. ``decision``, ``score`` and ``candidates`` are present only when the run has an
+    out-of-scope detector; without one the keys are absent (never null) and the answer is closed-set."""
+
+    model_config = ConfigDict(json_schema_extra=_open_set_fields_are_absent_not_null)
+
+    label: str = Field(
+        description="the best label; with a detector, the detector's out-of-scope label (e.g. 'oos') when the "
+        "decision is out_of_scope, and possibly an intent added from examples"
+    )
+    probability: float = Field(description="the model's probability for its best intent")
+    top_k: list[LabelScore] = Field(description="the trained labels with the highest probabilities, best first")
     truncated: bool = Field(description="the text was longer than the server's limit and was cut")
+    decision: Decision | None = Field(
+        default=None,
+        description="only with an out-of-scope detector: in_scope (answer with 'label'), out_of_scope (none of "
+        "the intents: 'label' is the out-of-scope label) or ambiguous (the best two intents are too close: "
+        "ask which of 'candidates' was meant)",
+    )
+    score: float | None = Field(
+        default=None,
+        description="only with an out-of-scope detector: its in-scope score (higher is more like the training "
+        "intents; in scope from the detector's threshold on; the scale depends on the method)",
+    )
+    candidates: list[LabelScore] | None = Field(
+        default=None,
+        description="only with an out-of-scope detector: the intents to offer, best first: the best two when "
+        "in_scope or ambiguous, the nearest one when out_of_scope",
+    )
 
 
 class ClassifyResponse(BaseModel):
@@ -137,6 +176,16 @@ class ErrorResponse(BaseModel):
     request_id: str
 
 
+class DetectorInfo(BaseModel):
+    method: str = Field(description="how texts are scored: msp, energy, mahalanobis or knn")
+    oos_label: str = Field(description="the label answered for out-of-scope texts")
+    threshold: float = Field(description="the in-scope score from which a text is in scope")
+    ambiguity_margin: float = Field(
+        description="the best two intents' probabilities closer than this make the answer ambiguous"
+    )
+    added_intents: list[str] = Field(description="intents added from examples, beyond the trained labels")
+
+
 class ModelInfo(BaseModel):
     labels: list[str]
     num_labels: int
@@ -149,3 +198,7 @@ class ModelInfo(BaseModel):
     run_dir: str
     tuneforge_version: str
     limits: dict[str, int | float | bool]
+    detector: DetectorInfo | None = Field(
+        default=None,
+        description="the run's out-of-scope detector (RUN/intent/); null when it has none (closed-set answers)",
+    )

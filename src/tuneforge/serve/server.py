@@ -16,12 +16,13 @@ import socket
 import sys
 import tempfile
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.rundir import open_run_dir
+from tuneforge.rundir import RunDir, open_run_dir
 from tuneforge.serve.metrics import MULTIPROC_ENV
 from tuneforge.serve.settings import ServeSettings
 
@@ -52,10 +53,20 @@ def _check_port(host: str, port: int) -> None:
             raise TuneforgeError(f"--port: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
+def _check_detector(run_dir: Path) -> None:
+    """A damaged or mismatched out-of-scope detector stops the start with one line, before uvicorn runs:
+    serving the run without it would answer closed-set while clients expect decisions."""
+    from tuneforge.infer.openset import has_detector, load_detector
+
+    if has_detector(run_dir):
+        load_detector(run_dir, RunDir(run_dir).labels())
+
+
 def prepare_settings(settings: ServeSettings) -> ServeSettings:
     """Validate everything that can be checked before starting, so bad input is one line and exit 2."""
     settings.validate()
     open_run_dir(settings.run_dir)
+    _check_detector(settings.run_dir)
     if settings.threads is None and settings.workers > 1:
         # Workers share the cores; each taking all of them would oversubscribe the machine.
         settings = replace(settings, threads=max(1, (os.cpu_count() or 1) // settings.workers))
