@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import httpx
 import numpy as np
@@ -25,7 +24,6 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-import tuneforge.infer.openset
 from tests.conftest import make_rows
 from tests.test_serve import LABELS, UvicornThread, _with_app, settings_for, wait_ready
 from tuneforge.cli import EXIT_BAD_INPUT, main
@@ -55,21 +53,6 @@ class IntentRun:
 
     def of(self, kind: str) -> list[int]:
         return [i for i, decision in enumerate(self.expected) if decision == kind]
-
-
-def save(run: Path, detector: OpenSetDetector) -> None:
-    """``save_detector``. Its writer once made the staging folder itself, which ``atomic_replace_dir`` has
-    made already (FileExistsError); that version is given a fresh staging folder instead."""
-    try:
-        save_detector(run, detector)
-    except FileExistsError:
-        real = tuneforge.infer.openset.atomic_replace_dir
-
-        def fresh(target: Path, write: Any) -> None:
-            real(target, lambda tmp: (tmp.rmdir(), write(tmp)))
-
-        with mock.patch.object(tuneforge.infer.openset, "atomic_replace_dir", fresh):
-            save_detector(run, detector)
 
 
 def _widest_gap(values: np.ndarray, low: int, high: int) -> tuple[float, int]:
@@ -114,7 +97,7 @@ def build_intent_run(source: Path, target: Path) -> IntentRun:
         means=np.zeros((len(predictor.labels), hidden), dtype=np.float32),
         precision=np.eye(hidden, dtype=np.float32),
     )
-    save(target, detector)
+    save_detector(target, detector)
     expected = _expected(probabilities, threshold, margin)
     assert {"in_scope", "out_of_scope", "ambiguous"} <= set(expected), expected
     return IntentRun(target, texts, probabilities, hidden, detector, expected)
@@ -229,7 +212,7 @@ def test_an_added_intent_is_answered_by_its_own_label(trained_tiny_run: Path, tm
         precision=np.eye(features.shape[1], dtype=np.float32),
         added=[AddedIntent("refund", [texts[0]])],
     )
-    save(run, detector)
+    save_detector(run, detector)
     with TestClient(create_app(settings_for(run))) as client:
         wait_ready(client)
         [prediction] = client.post("/v1/classify", json={"text": texts[0], "top_k": 3}).json()["predictions"]
@@ -283,7 +266,7 @@ def test_refitting_the_detector_changes_the_model_version(
     run = tmp_path / "run"
     shutil.copytree(intent_run.path, run)
     before = run_version(run)
-    save(run, replace(intent_run.detector, threshold=intent_run.detector.threshold / 2))
+    save_detector(run, replace(intent_run.detector, threshold=intent_run.detector.threshold / 2))
     refitted = run_version(run)
     assert refitted != before
     shutil.rmtree(detector_dir(run))
