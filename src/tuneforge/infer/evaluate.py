@@ -12,7 +12,7 @@ from tuneforge.infer.predictor import Predictor
 from tuneforge.metrics import classification_metrics, plot_confusion_matrix
 
 
-def _eval_data_config(
+def eval_data_config(
     predictor: Predictor, data_path: Path | str, text_column: str | None, label_column: str | None, encoding: str | None
 ) -> DataConfig:
     """How to read ``data_path``: the run's own columns, encoding and cleaning, overridden by the options given.
@@ -39,7 +39,7 @@ def evaluate_file(
 ) -> tuple[dict[str, Any], Path]:
     """Score ``data_path`` with the run's model; write ``<out_dir>/<file stem>.json`` and ``.png``."""
     predictor = Predictor(run_dir)
-    data_cfg = _eval_data_config(predictor, data_path, text_column, label_column, encoding)
+    data_cfg = eval_data_config(predictor, data_path, text_column, label_column, encoding)
     data = read_eval_file(Path(data_path), data_cfg, predictor.labels)
     index = {label: i for i, label in enumerate(predictor.labels)}
     probabilities = predictor.predict_proba(data.texts)

@@ -34,7 +34,6 @@ import numpy as np
 
 from tuneforge.errors import RunDirError
 from tuneforge.files import atomic_replace_dir
-from tuneforge.models.loading import softmax
 
 INTENT_DIR = "intent"
 DETECTOR_FILE = "detector.json"
@@ -132,6 +131,13 @@ class OpenSetDetector:
         return decisions
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    # Imported when called: the CLI reads METHODS from this module and must start without torch.
+    from tuneforge.models.loading import softmax as _softmax
+
+    return _softmax(logits)
+
+
 def _top_two(labels: list[str], probabilities: np.ndarray) -> list[tuple[str, float]]:
     order = np.argsort(-probabilities)[:2]
     return [(labels[j], float(probabilities[j])) for j in order]
@@ -197,7 +203,6 @@ def save_detector(run_path: Path | str, detector: OpenSetDetector) -> Path:
     }
 
     def write(tmp: Path) -> None:
-        tmp.mkdir(parents=True)
         save_file(tensors, str(tmp / STATS_FILE))
         (tmp / DETECTOR_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

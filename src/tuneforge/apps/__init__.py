@@ -1,0 +1,1 @@
+"""Applications built on the pipeline's stages (they use the stages; no stage imports them)."""
