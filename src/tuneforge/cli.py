@@ -26,6 +26,8 @@ DEMO_EXAMPLES = [
     "I keep getting 'wrong password' even after resetting it",
     "I moved last week, can you send it to my new flat instead?",
     "I returned the shoes two weeks ago and still have not got my money back",
+    "what's the weather like in Paris this weekend?",  # none of the intents: rejected
+    "change my address or cancel it, whichever is quicker",  # two intents at once: ambiguous
 ]
 
 
@@ -368,6 +370,7 @@ def _cmd_models(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
+    from tuneforge.apps.intent import fit_detector
     from tuneforge.config import validate_config
     from tuneforge.infer.predictor import Predictor
     from tuneforge.rundir import check_replaceable
@@ -386,10 +389,23 @@ def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
     )
     console.print(f"[bold]tuneforge demo[/bold]: fine-tuning minilm-l6 on {data_file.name} (customer-support intents)")
     result = train(config, overwrite=True, console=console, show_progress=not args.no_progress)
+    # The intent engine: an out-of-scope detector fitted on the demo's own out-of-scope messages.
+    out_of_scope = Path(str(files("tuneforge.demo") / "support_out_of_scope.csv"))
+    detector = fit_detector(result.run_dir, data=out_of_scope)
+    console.print(
+        f"out-of-scope detector: {detector.method} ({detector.info['chosen_by']}), fitted with {out_of_scope.name}"
+    )
     predictor = Predictor(result.run_dir)
-    console.print("\n[bold]predictions on new messages[/bold]")
+    console.print("\n[bold]answers to new messages[/bold]")
     for text, prediction in zip(DEMO_EXAMPLES, predictor.predict(DEMO_EXAMPLES), strict=True):
-        console.print(f"  {prediction.label:<15} {prediction.probability:5.2f}  {text}")
+        if prediction.decision == "out_of_scope":
+            answer = f"[red]I don't know[/red] (nearest: {prediction.candidates[0][0]})"
+        elif prediction.decision == "ambiguous":
+            first, second = (label for label, _ in prediction.candidates)
+            answer = f"[yellow]did you mean {first} or {second}?[/yellow]"
+        else:
+            answer = f"{prediction.label} {prediction.probability:.2f}"
+        console.print(f"  {text}\n      → {answer}", highlight=False)
     console.print(f'\ntry: tuneforge predict {result.run_dir} "my package never arrived"')
     return 0
 

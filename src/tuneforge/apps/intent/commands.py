@@ -22,7 +22,7 @@ def add_intent_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--method", choices=["auto", *METHODS], default="auto", help="score (default auto: see the docs)")
     q.add_argument("--oos-label", help="label of the out-of-scope texts in --data (default: oos, if present)")
     q.add_argument("--target-recall", type=float, default=0.95, help="in-scope recall the threshold keeps")
-    q.add_argument("--ambiguity-margin", type=float, default=0.1, help="top-2 probability gap below which: ambiguous")
+    q.add_argument("--ambiguity-margin", type=float, default=0.25, help="top-2 probability gap below which: ambiguous")
     q.add_argument("--json", action="store_true", help="print the detector's figures as JSON")
 
     q = intent.add_parser("add", help="add an intent from a handful of examples, without retraining")

@@ -2,10 +2,11 @@
 
 Statistics come from the run's own training split (re-made from its config and seed), scored by the
 very model the run serves (an optimized variant's own features, not its source's). The threshold comes
-from held-out texts: the run's validation split, or ``--data FILE``. When that file has texts labelled
-with the OOS label, the threshold is the one that maximises macro-F1 over the known intents + open on
-it, and ``method="auto"`` takes the method with the best AUROC there; without OOS examples the
-threshold keeps ``target_recall`` of the in-scope texts in scope and ``auto`` means Mahalanobis.
+from held-out texts: the run's validation split, or ``--data FILE`` (a file of out-of-scope texts only
+joins the validation split). When the held-out texts include some labelled with the OOS label, the
+threshold is the one that maximises macro-F1 over the known intents + open on them, and
+``method="auto"`` takes the method with the best AUROC there; without OOS examples the threshold
+keeps ``target_recall`` of the in-scope texts in scope and ``auto`` means Mahalanobis.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tuneforge.infer.openset import (
     save_detector,
 )
 from tuneforge.infer.predictor import Predictor
+from tuneforge.models.loading import softmax
 
 DEFAULT_METHOD = "mahalanobis"
 DEFAULT_OOS_LABEL = "oos"
@@ -45,7 +47,7 @@ class FitOptions:
     method: str = "auto"
     oos_label: str | None = None
     target_recall: float = 0.95
-    ambiguity_margin: float = 0.1
+    ambiguity_margin: float = 0.25
     k: int = 10
 
     def check(self) -> FitOptions:
@@ -106,7 +108,15 @@ def _held_out(
     if oos_label is not None and label not in held.labels:
         raise DataError(f"{data}: no text is labelled '{label}' (--oos-label); nothing to fit the OOS threshold on")
     if all(y == label for y in held.labels):
-        raise DataError(f"{data}: every text is labelled '{label}'; the threshold needs in-scope texts too")
+        # Only out-of-scope examples: the in-scope side of the threshold comes from the validation split.
+        if validation is None or not len(validation):
+            raise DataError(f"{data}: every text is labelled '{label}'; the threshold needs in-scope texts too")
+        held = LabelledTexts(
+            texts=validation.texts + held.texts,
+            labels=validation.labels + held.labels,
+            rows=validation.rows + held.rows,
+            source=f"{validation.source} (validation split) + {held.source}",
+        )
     return held, label
 
 
@@ -192,6 +202,19 @@ def fit_detector(
     else:
         method, chosen_by = DEFAULT_METHOD, "default (no OOS examples to compare the methods on)"
 
+    # How the margin splits the held-out in-scope texts the detector keeps: a share small enough to ask
+    # about, and less accurate than the rest, is what makes "did you mean A or B?" worth asking.
+    top_two = np.sort(softmax(held_logits), axis=1)[:, -2:]
+    kept = (truth != open_id) & (method_scores(method, held_logits, held_features, scoring) >= thresholds[method])
+    unsure = kept & (top_two[:, 1] - top_two[:, 0] < options.ambiguity_margin)
+    sure = kept & ~unsure
+    correct = predicted == truth
+    ambiguity = {
+        "margin": options.ambiguity_margin,
+        "ambiguous_share": round(100.0 * float(unsure.sum() / max(kept.sum(), 1)), 2),
+        "accuracy_when_ambiguous": round(100.0 * float(correct[unsure].mean()), 2) if unsure.any() else None,
+        "accuracy_otherwise": round(100.0 * float(correct[sure].mean()), 2) if sure.any() else None,
+    }
     detector = OpenSetDetector(
         method=method,
         threshold=thresholds[method],
@@ -218,6 +241,7 @@ def fit_detector(
                 "held_out_oos_texts": int((truth == open_id).sum()),
             },
             "validation": validation,
+            "ambiguity": ambiguity,
         },
     )
     for intent in previous:
