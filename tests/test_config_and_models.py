@@ -52,7 +52,7 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
         (["train.batch_size=0"], "train.batch_size: Input should be greater than or equal to 1"),
         (["model.hidden_dropout=1.5"], "model.hidden_dropout: Input should be less than 1"),
         (["data.encoding=klingon"], "data: unknown encoding 'klingon'"),
-        (["banana.split=1"], "banana: unknown key (allowed: model, data, train, finetune, distill, output)"),
+        (["banana.split=1"], "banana: unknown key (allowed: model, data, train, finetune, distill, output, intent)"),
         (["train.epochs"], "expected key=value"),
     ],
 )

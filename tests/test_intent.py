@@ -298,3 +298,25 @@ def test_an_onnx_export_without_features_is_refused_for_a_feature_detector(run: 
     save_detector(out, _toy_detector(method="mahalanobis", labels=labels, means=np.zeros((2, 2), np.float32)))
     with pytest.raises(RunDirError, match="export the variant again"):
         Predictor(out)
+
+
+def test_the_training_config_fits_the_detector(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import yaml
+
+    from tuneforge.cli import EXIT_BAD_INPUT, main
+
+    data = {"train": write_csv(tmp_path / "train.csv", make_rows(60, seed=3, labels=LABELS))}
+    held = write_csv(tmp_path / "held.csv", [(t, "oos") for t in oos_texts(12, seed=4)])
+    raw = tiny_config(tiny_model_dir, data, tmp_path / "run", epochs=2)
+    raw["intent"] = {"fit": True, "data": "held.csv", "method": "msp"}  # relative: next to the config
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert main(["train", str(config)]) == 0
+    detector = load_detector(tmp_path / "run")
+    assert detector is not None and detector.method == "msp"
+    assert detector.info["fitted_on"]["held_out_oos_texts"] == 12
+    assert detector.info["fitted_on"]["held_out"] == str(held.resolve())
+
+    raw["intent"] = {"fit": True, "target_recall": 1.5}
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert main(["train", str(config), "--overwrite"]) == EXIT_BAD_INPUT

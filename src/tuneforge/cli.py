@@ -160,7 +160,18 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
     from tuneforge.train.loop import train
 
     config = load_config(args.config, args.overrides)
-    train(config, resume=args.resume, overwrite=args.overwrite, console=console, show_progress=not args.no_progress)
+    if config.intent.fit and config.intent.data is not None and not config.intent.data.is_file():
+        # Found out now, not after the training it would follow.
+        raise TuneforgeError(f"intent.data: {config.intent.data}: file not found")
+    result = train(
+        config, resume=args.resume, overwrite=args.overwrite, console=console, show_progress=not args.no_progress
+    )
+    if config.intent.fit:
+        from tuneforge.apps.intent import FitOptions, fit_detector
+
+        options = config.intent.model_dump(include={"method", "oos_label", "target_recall", "ambiguity_margin"})
+        detector = fit_detector(result.run_dir, data=config.intent.data, options=FitOptions(**options))
+        console.print(f"intent engine: {detector.method} detector ({detector.info['chosen_by']}) in {result.run_dir}")
     return 0
 
 

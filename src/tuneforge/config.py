@@ -264,6 +264,23 @@ class OutputConfig(_Section):
 DEFAULT_LEARNING_RATES = {"full": 1e-4, "lora": 1e-3, "adalora": 1e-3, "adapter": 1e-3, "ia3": 3e-3, "prefix": 1e-2}
 
 
+class IntentConfig(_Section):
+    """The intent engine, fitted by ``tuneforge train`` right after training (as ``tuneforge intent fit``)."""
+
+    fit: bool = Field(False, description="After training, fit the out-of-scope detector into RUN/intent/.")
+    data: Path | None = Field(
+        None, description="Held-out texts for the threshold (OOS ones labelled oos_label); None: the validation split."
+    )
+    method: Literal["auto", "msp", "energy", "mahalanobis", "knn"] = "auto"
+    oos_label: str | None = Field(None, description="Label of the OOS texts in data; None: oos, if present.")
+    target_recall: float = Field(0.95, ge=0.5, lt=1.0, description="In-scope recall the threshold keeps.")
+    ambiguity_margin: float = Field(0.25, ge=0.0, lt=1.0, description="Top-2 probability gap below which: ambiguous.")
+
+    @field_serializer("data", when_used="json")
+    def _absolute_data(self, path: Path | None) -> str | None:
+        return _absolute(path)
+
+
 class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
@@ -271,6 +288,7 @@ class RunConfig(_Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    intent: IntentConfig = Field(default_factory=IntentConfig)
 
     @model_validator(mode="after")
     def _resolve_defaults(self) -> RunConfig:
@@ -348,7 +366,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 # The paths a config names, as (section, key): relative ones are resolved against the config's folder.
-_PATH_KEYS = (("data", "train"), ("data", "validation"), ("data", "test"), ("distill", "teacher"))
+_PATH_KEYS = (
+    ("data", "train"),
+    ("data", "validation"),
+    ("data", "test"),
+    ("distill", "teacher"),
+    ("intent", "data"),
+)
 
 
 def _validate(raw: dict[str, Any]) -> RunConfig:
@@ -362,13 +386,12 @@ def validate_config(raw: dict[str, Any], base_dir: Path | None = None) -> RunCon
     """Validate a raw dict; relative data paths resolve against ``base_dir`` (the YAML's folder)."""
     config = _validate(raw)
     if base_dir is not None:
-        data = config.data
-        for key in ("train", "validation", "test"):
-            path = getattr(data, key)
+        for section, key in _PATH_KEYS:
+            path = getattr(getattr(config, section), key)
             if path is not None and not path.is_absolute() and not path.exists():
                 candidate = base_dir / path
                 if candidate.exists():
-                    setattr(data, key, candidate)
+                    setattr(getattr(config, section), key, candidate)
     return config
 
 
