@@ -1,4 +1,4 @@
-"""The ``tuneforge`` command line: train, lr-find, optimize, evaluate, predict, serve, models, intent, demo.
+"""The ``tuneforge`` command line: train, lr-find, optimize, evaluate, predict, serve, models, intent, augment, demo.
 
 Bad input ends with one line on stderr (``error: ...``) and exit code 2; never a traceback.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from tuneforge.apps.augment.commands import add_augment_parser, run_augment_command
 from tuneforge.apps.intent.commands import add_intent_parser, run_intent_command
 from tuneforge.errors import TuneforgeError
 
@@ -148,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--out", type=Path, help="folder to write (default: the cache that model.name uses)")
 
     add_intent_parser(sub)
+    add_augment_parser(sub)
 
     p = sub.add_parser("demo", help="fine-tune the default model on the bundled demo data")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -431,6 +433,7 @@ COMMANDS = {
     "models": _cmd_models,
     "demo": _cmd_demo,
     "intent": run_intent_command,
+    "augment": run_augment_command,
 }
 
 
