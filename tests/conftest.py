@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import os
 import random
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,3 +111,47 @@ def trained_tiny_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
     data = {"train": write_csv(folder / "train.csv", make_rows(90, seed=11))}
     raw = tiny_config(tiny_model_dir, data, folder / "run", epochs=2)
     return train(validate_config(raw), show_progress=False).run_dir
+
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def find_chromium() -> tuple[str, str] | None:
+    """Debian's ``chromium`` and ``chromedriver`` (``make test`` installs them as root), or None."""
+    browser = next((found for name in BROWSERS if (found := shutil.which(name))), None)
+    driver = shutil.which("chromedriver") or next(
+        (p for p in ("/usr/lib/chromium/chromedriver", "/usr/bin/chromedriver") if Path(p).is_file()), None
+    )
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium driven by Selenium; the test is skipped, with the reason, where it is missing."""
+    pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[dev]')")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    found = find_chromium()
+    if found is None:
+        pytest.skip("no headless Chromium found: install Debian's chromium and chromium-driver (make test does so)")
+    binary, driver = found
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",  # tests run as root in CI
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1000,1500",
+        "--no-first-run",
+        "--disable-extensions",
+    ):
+        options.add_argument(argument)
+    # An explicit driver path: Selenium Manager would otherwise try to download one.
+    instance = webdriver.Chrome(service=Service(executable_path=driver), options=options)
+    instance.set_page_load_timeout(30)
+    try:
+        yield instance
+    finally:
+        instance.quit()

@@ -7,33 +7,21 @@ apt when it can). A screenshot is saved to tests/artifacts/playground.png for a 
 from __future__ import annotations
 
 import re
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from tests.conftest import find_chromium
 from tests.test_serve import KEY, LABELS, UvicornThread, settings_for
 from tuneforge.serve.app import create_app
 
 torch.set_num_threads(1)
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
-BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-
-
-def _find_chromium() -> tuple[str, str] | None:
-    browser = next((found for name in BROWSERS if (found := shutil.which(name))), None)
-    driver = shutil.which("chromedriver") or next(
-        (p for p in ("/usr/lib/chromium/chromedriver", "/usr/bin/chromedriver") if Path(p).is_file()), None
-    )
-    return (browser, driver) if browser and driver else None
-
-
 selenium = pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[dev]')")
-FOUND = _find_chromium()
+FOUND = find_chromium()
 pytestmark = pytest.mark.skipif(
     FOUND is None,
     reason="no headless Chromium found: install Debian's chromium and chromium-driver (make test does so as root)",
@@ -43,34 +31,6 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def tiny_run(trained_tiny_run: Path) -> Path:
     return trained_tiny_run
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    assert FOUND is not None
-    binary, driver = FOUND
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",  # tests run as root in CI
-        "--disable-dev-shm-usage",
-        "--disable-gpu",
-        "--window-size=1000,900",
-        "--no-first-run",
-        "--disable-extensions",
-    ):
-        options.add_argument(argument)
-    # An explicit driver path: Selenium Manager would otherwise try to download one.
-    driver_instance = webdriver.Chrome(service=Service(executable_path=driver), options=options)
-    driver_instance.set_page_load_timeout(30)
-    try:
-        yield driver_instance
-    finally:
-        driver_instance.quit()
 
 
 def _serve(tiny_run: Path, **overrides: Any) -> UvicornThread:

@@ -352,34 +352,6 @@ def test_a_damaged_detector_fails_the_load_and_is_reported(damaged_run: Path) ->
 # --- the playground --------------------------------------------------------------------------------------
 
 
-@pytest.fixture()
-def browser() -> Iterator[Any]:
-    """Headless Chromium as in test_serve_browser.py (skipped where it is not installed)."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-    from selenium.webdriver.chrome.service import Service
-
-    binary = next((found for name in ("chromium", "google-chrome") if (found := shutil.which(name))), None)
-    driver = shutil.which("chromedriver")
-    if binary is None or driver is None:
-        pytest.skip("no headless Chromium found: install Debian's chromium and chromium-driver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-dev-shm-usage",
-        "--disable-gpu",
-        "--window-size=1000,1500",
-    ):
-        options.add_argument(argument)
-    instance = webdriver.Chrome(service=Service(executable_path=driver), options=options)
-    instance.set_page_load_timeout(30)
-    try:
-        yield instance
-    finally:
-        instance.quit()
-
-
 def test_the_playground_marks_out_of_scope_and_ambiguous_answers(browser: Any, intent_run: IntentRun) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
