@@ -117,7 +117,7 @@ def main() -> None:
             if args.phase == "train":
                 train_setting(share, seed)
             else:
-                evaluate_setting(share, seed, args.add_intents, args.optimize)
+                evaluate_setting(share, seed, args.add_intents, args.optimize, tuple(args.optimize_args.split()))
 
 
 def _method_results(predictor, detector, test_texts: list[str], test_labels: list[str]) -> dict[str, dict]:
@@ -141,7 +141,9 @@ def _method_results(predictor, detector, test_texts: list[str], test_labels: lis
     return results
 
 
-def evaluate_setting(share: float, seed: int, add_intents: bool, optimize: bool) -> None:
+def evaluate_setting(
+    share: float, seed: int, add_intents: bool, optimize: bool, optimize_args: tuple[str, ...] = ()
+) -> None:
     from tuneforge.apps.intent import FitOptions, fit_detector, refit_like
     from tuneforge.infer.predictor import Predictor
 
@@ -176,7 +178,8 @@ def evaluate_setting(share: float, seed: int, add_intents: bool, optimize: bool)
     if optimize:
         out = folder / "optimized"
         subprocess.run(
-            [sys.executable, "-m", "tuneforge", "optimize", str(run), "--out", str(out), "--overwrite"], check=True
+            [sys.executable, "-m", "tuneforge", "optimize", str(run), "--out", str(out), "--overwrite", *optimize_args],
+            check=True,
         )
         report = json.loads((out / "optimize_report.json").read_text(encoding="utf-8"))
         variant_scoring = fit_detector(out, options=FitOptions(method="knn"))
