@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument(
         "--optimize", action="store_true", help="evaluate: also optimize each run and score the variant"
     )
+    parser.add_argument("--optimize-args", default="", help="extra tuneforge optimize options: '--optimize-args=...'")
     args = parser.parse_args()
     shares = [float(s) for s in args.known.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
