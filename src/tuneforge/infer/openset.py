@@ -48,6 +48,9 @@ DECISIONS = ("in_scope", "out_of_scope", "ambiguous")
 class AddedIntent:
     label: str
     examples: list[str]
+    # Its own in-scope threshold on the Mahalanobis score: a prototype of ten examples is looser than a
+    # trained class mean, so the trained classes' threshold would reject most of its texts. None: theirs.
+    threshold: float | None = None
 
 
 @dataclass
@@ -127,7 +130,8 @@ class OpenSetDetector:
                 posterior = softmax(-0.5 * distances[i][None, :])[0]
                 ranked = _top_two(all_labels, posterior)
                 score = float(-distances[i].min())
-                in_scope = score >= self.feature_threshold
+                own = self.added[int(distances[i].argmin()) - trained].threshold
+                in_scope = score >= (self.feature_threshold if own is None else own)
             else:
                 ranked = [(self.labels[j], float(row[j])) for j in top_two[i]]
                 score = float(scores[i])
@@ -209,7 +213,7 @@ def save_detector(run_path: Path | str, detector: OpenSetDetector) -> Path:
         "labels": detector.labels,
         "oos_label": detector.oos_label,
         "k": detector.k,
-        "added": [{"label": a.label, "examples": a.examples} for a in detector.added],
+        "added": [{"label": a.label, "examples": a.examples, "threshold": a.threshold} for a in detector.added],
         **{key: value for key, value in detector.info.items() if key not in _META_KEYS},
     }
 
@@ -274,7 +278,14 @@ def _from_meta(meta: dict[str, Any], stats: dict[str, np.ndarray]) -> OpenSetDet
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}")
     labels = [str(label) for label in meta["labels"]]
-    added = [AddedIntent(str(a["label"]), [str(t) for t in a["examples"]]) for a in meta.get("added", [])]
+    added = [
+        AddedIntent(
+            str(a["label"]),
+            [str(t) for t in a["examples"]],
+            None if a.get("threshold") is None else float(a["threshold"]),
+        )
+        for a in meta.get("added", [])
+    ]
     means = stats["means"].astype(np.float32)
     precision = stats["precision"].astype(np.float32)
     bank = stats["bank"].astype(np.float32) if "bank" in stats else None

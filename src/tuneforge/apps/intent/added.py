@@ -15,6 +15,30 @@ MIN_EXAMPLES = 5
 MAX_EXAMPLES = 200
 
 
+def prototype(detector: OpenSetDetector, features: np.ndarray) -> tuple[np.ndarray, float]:
+    """The prototype of an intent's examples (their mean feature vector) and its own in-scope threshold:
+    as far as its farthest example lies from the mean of the others (leave-one-out), never stricter
+    than the trained classes' threshold."""
+    n = len(features)
+    centre = features.mean(axis=0)
+    others = (n * centre[None, :] - features) / (n - 1)  # row i: the mean without example i
+    scoring = OpenSetDetector(
+        method="mahalanobis",
+        threshold=0.0,
+        feature_threshold=0.0,
+        ambiguity_margin=0.0,
+        labels=[],
+        oos_label="",
+        means=np.zeros((1, features.shape[1]), np.float32),
+        precision=detector.precision,
+    )
+    farthest = 0.0
+    for i in range(n):
+        scoring.means = others[i : i + 1].astype(np.float32)
+        farthest = max(farthest, float(scoring.mahalanobis_distances(features[i : i + 1])[0, 0]))
+    return centre.astype(np.float32), min(detector.feature_threshold, -farthest)
+
+
 def _detector(predictor: Predictor) -> OpenSetDetector:
     if predictor.detector is None:
         raise RunDirError(f"{predictor.run.path}: no out-of-scope detector yet; run tuneforge intent fit first")
@@ -43,8 +67,9 @@ def add_intent(run_dir: Path | str, label: str, examples: list[str]) -> OpenSetD
         raise DataError(f"intent '{label}': is {kind}; remove it first or choose another name")
     # The Predictor cleans them as it cleans every text, so the prototype sits where those texts land.
     _, features = predictor.logits_and_features(distinct)
-    detector.means = np.vstack([detector.means, features.mean(axis=0, keepdims=True)]).astype(np.float32)
-    detector.added.append(AddedIntent(label, distinct))
+    centre, threshold = prototype(detector, features)
+    detector.means = np.vstack([detector.means, centre[None, :]]).astype(np.float32)
+    detector.added.append(AddedIntent(label, distinct, threshold))
     save_detector(predictor.run.path, detector)
     return detector
 

@@ -19,6 +19,7 @@ import numpy as np
 from sklearn.covariance import LedoitWolf
 from sklearn.metrics import f1_score, roc_auc_score
 
+from tuneforge.apps.intent.added import prototype
 from tuneforge.data import LabelledTexts, prepare_data, read_eval_file
 from tuneforge.errors import DataError, RunDirError, TuneforgeError
 from tuneforge.infer.evaluate import eval_data_config
@@ -246,8 +247,9 @@ def fit_detector(
     )
     for intent in previous:
         _, features = predictor.logits_and_features(intent.examples)
-        detector.means = np.vstack([detector.means, features.mean(axis=0, keepdims=True)])
-        detector.added.append(intent)
+        centre, threshold = prototype(detector, features)
+        detector.means = np.vstack([detector.means, centre[None, :]])
+        detector.added.append(AddedIntent(intent.label, intent.examples, threshold))
     save_detector(run.path, detector)
     return detector
 
