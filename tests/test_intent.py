@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,12 @@ def test_an_added_intent_wins_where_its_prototype_is_nearest() -> None:
     with pytest.raises(RunDirError, match="needs the model's features"):
         detector.decide(logits, None)
 
+    # Its own, looser threshold: a text 3 units from the prototype is in scope for it, not for the default.
+    loose = replace(detector, added=[AddedIntent("d", ["x"] * 5, threshold=-10.0)])
+    away = np.array([[4.0, 7.0]])
+    assert detector.decide(logits[:1], away)[0].decision == "out_of_scope"
+    assert (loose.decide(logits[:1], away)[0].decision, loose.decide(logits[:1], away)[0].label) == ("in_scope", "d")
+
 
 def test_save_and_load_round_trip_and_refuse_what_does_not_fit(tmp_path: Path) -> None:
     detector = _toy_detector(added=[AddedIntent("d", ["one", "two", "three", "four", "five"])])
@@ -203,6 +210,8 @@ def test_add_and_remove_an_intent_without_retraining(run: Path) -> None:
     add_intent(run, "meh", texts_of("meh", 10, seed=7))
     predictor = Predictor(run)
     assert predictor.detector is not None and predictor.detector.all_labels[-1] == "meh"
+    own = predictor.detector.added[-1].threshold
+    assert own is not None and own <= predictor.detector.feature_threshold
     after = predictor.predict(new)
     assert sum(p.label == "meh" for p in after) >= 6, [(p.label, p.decision) for p in after]
     known = predictor.predict([text for text, _ in make_rows(30, seed=5, labels=LABELS)])
