@@ -21,21 +21,9 @@ def prototype(detector: OpenSetDetector, features: np.ndarray) -> tuple[np.ndarr
     than the trained classes' threshold."""
     n = len(features)
     centre = features.mean(axis=0)
-    others = (n * centre[None, :] - features) / (n - 1)  # row i: the mean without example i
-    scoring = OpenSetDetector(
-        method="mahalanobis",
-        threshold=0.0,
-        feature_threshold=0.0,
-        ambiguity_margin=0.0,
-        labels=[],
-        oos_label="",
-        means=np.zeros((1, features.shape[1]), np.float32),
-        precision=detector.precision,
-    )
-    farthest = 0.0
-    for i in range(n):
-        scoring.means = others[i : i + 1].astype(np.float32)
-        farthest = max(farthest, float(scoring.mahalanobis_distances(features[i : i + 1])[0, 0]))
+    # Example i minus the mean of the other n - 1 is n / (n - 1) times example i minus the mean of all.
+    apart = (features - centre) * (n / (n - 1))
+    farthest = float(np.einsum("ij,jk,ik->i", apart, detector.precision, apart).max())
     return centre.astype(np.float32), min(detector.feature_threshold, -farthest)
 
 
