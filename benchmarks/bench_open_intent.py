@@ -88,9 +88,9 @@ def train_setting(share: float, seed: int) -> None:
     config.write_text(json.dumps({"data": {"train": str(train)}, "output": {"dir": str(run)}}), encoding="utf-8")
     print(f"training {run} on {len(known)} known intents", flush=True)
     started = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "tuneforge", "train", str(config), "--overwrite", "--no-progress"], check=True
-    )
+    # A run killed part-way leaves ``run.partial/`` with its checkpoint: continue it rather than start over.
+    restart = "--resume" if run.with_name(run.name + ".partial").is_dir() else "--overwrite"
+    subprocess.run([sys.executable, "-m", "tuneforge", "train", str(config), restart, "--no-progress"], check=True)
     minutes = (time.perf_counter() - started) / 60
     (folder / "train_minutes.txt").write_text(f"{minutes:.2f}\n", encoding="utf-8")
 

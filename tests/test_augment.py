@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_rows, write_csv
-from tuneforge.apps.augment import AugmentOptions, EmbeddingNeighbours, LabelFilter, augment_texts, load_neighbours
+from tuneforge.augment import AugmentOptions, EmbeddingNeighbours, LabelFilter, augment_texts, load_neighbours
 from tuneforge.cli import main
 from tuneforge.data.augment import (
     MODEL_FREE_OPERATIONS,

@@ -8,7 +8,7 @@ Operations (names as the CLI and configs spell them):
 - ``case``: casing noise (all lower case, a capitalised first letter, or one word in capitals).
 - ``neighbour``: whole words replaced by their nearest neighbours in a model's word-embedding space.
   This module picks the words (never stop words, numbers, entity-like tokens, e-mails or URLs); the
-  neighbours come from a lookup the caller passes in (``tuneforge.apps.augment`` builds one from a
+  neighbours come from a lookup the caller passes in (``tuneforge.augment`` builds one from a
   model's input embeddings), so that data stays free of models.
 
 Each copy of each text gets its own random generator, seeded from (seed, operation, copy, text): the

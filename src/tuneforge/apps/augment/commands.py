@@ -48,7 +48,7 @@ def add_augment_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_augment_command(args: argparse.Namespace, console: Console) -> int:
-    from tuneforge.apps.augment.pipeline import AugmentOptions, augment_file, report_path
+    from tuneforge.augment.pipeline import AugmentOptions, augment_file, report_path
 
     path: Path = args.input
     text_column, label_column, encoding, fmt = "text", "label", "utf-8", "auto"

@@ -134,7 +134,7 @@ def augment_texts(
     if label_filter is not None:
         label_filter.check_labels(labels)  # before any work: a wrong run fails at once
     if neighbours is None and "neighbour" in options.operations:
-        from tuneforge.apps.augment.neighbours import load_neighbours
+        from tuneforge.augment.neighbours import load_neighbours
 
         source = options.neighbour_model if options.neighbour_model is not None else options.filter_run
         neighbours = load_neighbours(str(source), k=options.neighbours)
