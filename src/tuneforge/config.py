@@ -6,6 +6,7 @@ Unknown keys and bad values fail here, before any work, with a message naming th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +38,37 @@ class ModelConfig(_Section):
     classifier_dropout: float | None = Field(None, ge=0.0, lt=1.0)
 
 
+AugmentOperation = Literal["swap", "delete", "insert", "typo", "case", "neighbour"]
+
+
+class AugmentConfig(_Section):
+    """Augmented copies of the training split (never of validation or test), made once per run and kept
+    in the run directory, so a resumed run reuses them (``tuneforge augment`` writes the same to a file)."""
+
+    operations: list[AugmentOperation] = Field(
+        default_factory=lambda: ["swap", "delete", "insert", "typo", "case"],
+        min_length=1,
+        description="swap, delete, insert (EDA), typo, case (noise), neighbour (word-embedding neighbours).",
+    )
+    copies: int = Field(1, ge=1, le=100, description="Copies each operation makes of each text.")
+    rate: float = Field(0.1, gt=0.0, le=1.0, description="Share of a text's words (or CJK characters) changed.")
+    seed: int | None = Field(None, description="None: train.seed.")
+    balance_below: int | None = Field(
+        None, ge=1, description="Augment only the labels with fewer training texts than this; None: all."
+    )
+    filter_run: Path | None = Field(
+        None, description="A run whose model must still give each copy its label (e.g. a teacher); None: no filter."
+    )
+    min_probability: float = Field(0.5, ge=0.0, le=1.0, description="The filter's bar for a copy's label.")
+    neighbour_model: str | None = Field(
+        None, description="neighbour: a run directory or model name whose word embeddings to use; None: model.name."
+    )
+
+    @field_serializer("filter_run", when_used="json")
+    def _absolute_filter_run(self, path: Path | None) -> str | None:
+        return _absolute(path)
+
+
 class DataConfig(_Section):
     train: Path = Field(..., description="Training file: .csv, .tsv, .jsonl or .parquet.")
     validation: Path | None = Field(None, description="Given validation file; else a split of train.")
@@ -55,8 +87,14 @@ class DataConfig(_Section):
     drop_leaked: bool = Field(
         False, description="Drop train rows whose normalised text also occurs in validation/test."
     )
+    augment: AugmentConfig | None = Field(None, description="Augment the training split inline; None: off.")
+    unlabeled: Path | None = Field(
+        None,
+        description="Texts without labels (.txt, or a file with text_column and no label column) for "
+        "train.semi_supervised.",
+    )
 
-    @field_serializer("train", "validation", "test", when_used="json")
+    @field_serializer("train", "validation", "test", "unlabeled", when_used="json")
     def _absolute_paths(self, path: Path | None) -> str | None:
         return _absolute(path)
 
@@ -78,6 +116,32 @@ class AdversarialConfig(_Section):
     epsilon: float = Field(1.0, gt=0.0, description="Norm of the perturbation (FGM) or of its ball (PGD).")
     steps: int = Field(3, ge=1, le=20, description="PGD: ascent steps per batch.")
     step_size: float = Field(0.3, gt=0.0, description="PGD: norm of each ascent step.")
+
+
+class SelfTrainingConfig(_Section):
+    """Self-training: label data.unlabeled with the model, keep the confident labels, train again."""
+
+    method: Literal["self_training"] = "self_training"
+    rounds: int = Field(2, ge=1, le=20, description="Rounds of pseudo-labelling after the first training.")
+    threshold: float = Field(0.9, gt=0.0, lt=1.0, description="Least probability a pseudo-label needs.")
+    max_per_label: int | None = Field(
+        None,
+        ge=1,
+        description="Most pseudo-labelled texts per label in a round (the most confident first); None: as "
+        "many as the label with the fewest confident texts has, times balance_ratio.",
+    )
+    balance_ratio: float = Field(
+        3.0, ge=1.0, description="With max_per_label None: cap per label, as a multiple of the scarcest label's."
+    )
+    teacher: Path | None = Field(
+        None,
+        description="A run that labels the first round (later rounds use the model just trained); None: "
+        "the model trained on the labelled data.",
+    )
+
+    @field_serializer("teacher", when_used="json")
+    def _absolute_teacher(self, path: Path | None) -> str | None:
+        return _absolute(path)
 
 
 class TrainConfig(_Section):
@@ -124,6 +188,7 @@ class TrainConfig(_Section):
         0.0, ge=0.0, description="R-Drop: weight of the KL between two dropout passes; 0 disables."
     )
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
+    semi_supervised: SelfTrainingConfig | None = Field(None, description="Self-training on data.unlabeled; None: off.")
     ema_decay: float | None = Field(
         None,
         gt=0.0,
@@ -243,16 +308,48 @@ class FinetuneConfig(_Section):
         return self
 
 
+class TransferDataConfig(_Section):
+    """Texts without labels that the teacher labels (its logits only, no hard label): unlabelled texts
+    like production traffic and/or augmented copies of the training texts (Jiao et al. 2020)."""
+
+    file: Path | None = Field(
+        None, description="Unlabelled texts (.txt, or a file with data.text_column and no label column)."
+    )
+    augment: AugmentConfig | None = Field(
+        None, description="Augmented copies of the training split (no label filter: the teacher labels them)."
+    )
+    max_texts: int | None = Field(None, ge=1, description="A seeded sample of at most this many transfer texts.")
+
+    @field_serializer("file", when_used="json")
+    def _absolute_file(self, path: Path | None) -> str | None:
+        return _absolute(path)
+
+    @model_validator(mode="after")
+    def _some_source(self) -> TransferDataConfig:
+        if self.file is None and self.augment is None:
+            raise ValueError("give file (unlabelled texts), augment (copies of the training texts) or both")
+        return self
+
+
 class DistillConfig(_Section):
     teacher: Path | None = Field(
         None, description="A run directory whose model teaches this one (knowledge distillation); None: off."
     )
     temperature: float = Field(2.0, gt=0.0, description="Softens both distributions before the KL term.")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the KL term; 1 - alpha weighs the labels.")
+    transfer_data: TransferDataConfig | None = Field(
+        None, description="More texts for the teacher to label and the student to learn from; None: none."
+    )
 
     @field_serializer("teacher", when_used="json")
     def _absolute_teacher(self, path: Path | None) -> str | None:
         return _absolute(path)
+
+    @model_validator(mode="after")
+    def _transfer_needs_a_teacher(self) -> DistillConfig:
+        if self.transfer_data is not None and self.teacher is None:
+            raise ValueError("transfer_data: needs a teacher to label it (distill.teacher)")
+        return self
 
 
 class OutputConfig(_Section):
@@ -294,6 +391,17 @@ class RunConfig(_Section):
     def _resolve_defaults(self) -> RunConfig:
         if self.train.learning_rate is None:
             self.train.learning_rate = DEFAULT_LEARNING_RATES[self.finetune.method]
+        return self
+
+    @model_validator(mode="after")
+    def _unlabeled_data_has_a_use(self) -> RunConfig:
+        if self.train.semi_supervised is not None and self.data.unlabeled is None:
+            raise ValueError("train.semi_supervised: needs data.unlabeled, a file of texts without labels")
+        if self.data.unlabeled is not None and self.train.semi_supervised is None:
+            raise ValueError(
+                "data.unlabeled: set train.semi_supervised to use it (for distillation, give the file as "
+                "distill.transfer_data.file)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -365,14 +473,32 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-# The paths a config names, as (section, key): relative ones are resolved against the config's folder.
+# The paths a config names, as attribute paths: relative ones are resolved against the config's folder.
 _PATH_KEYS = (
     ("data", "train"),
     ("data", "validation"),
     ("data", "test"),
+    ("data", "unlabeled"),
+    ("data", "augment", "filter_run"),
     ("distill", "teacher"),
+    ("distill", "transfer_data", "file"),
+    ("distill", "transfer_data", "augment", "filter_run"),
+    ("train", "semi_supervised", "teacher"),
     ("intent", "data"),
 )
+
+
+def _paths(config: RunConfig) -> Iterator[tuple[BaseModel, str, Path]]:
+    """``(section, key, path)`` for each path the config sets (optional sections that are off are skipped)."""
+    for *sections, key in _PATH_KEYS:
+        owner: Any = config
+        for name in sections:
+            owner = getattr(owner, name)
+            if owner is None:
+                break
+        else:
+            if (path := getattr(owner, key)) is not None:
+                yield owner, key, path
 
 
 def _validate(raw: dict[str, Any]) -> RunConfig:
@@ -386,12 +512,11 @@ def validate_config(raw: dict[str, Any], base_dir: Path | None = None) -> RunCon
     """Validate a raw dict; relative data paths resolve against ``base_dir`` (the YAML's folder)."""
     config = _validate(raw)
     if base_dir is not None:
-        for section, key in _PATH_KEYS:
-            path = getattr(getattr(config, section), key)
-            if path is not None and not path.is_absolute() and not path.exists():
+        for section, key, path in _paths(config):
+            if not path.is_absolute() and not path.exists():
                 candidate = base_dir / path
                 if candidate.exists():
-                    setattr(getattr(config, section), key, candidate)
+                    setattr(section, key, candidate)
     return config
 
 
@@ -437,11 +562,10 @@ def load_saved_config(path: Path | str) -> RunConfig:
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     base_dir = path.parent.absolute()
-    for section, key in _PATH_KEYS:
-        value = getattr(getattr(config, section), key)
-        if value is None or value.is_absolute():
+    for section, key, value in _paths(config):
+        if value.is_absolute():
             continue
         candidate = base_dir / value
         if candidate.exists() or not value.exists():
-            setattr(getattr(config, section), key, candidate)
+            setattr(section, key, candidate)
     return config
