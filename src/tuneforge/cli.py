@@ -160,12 +160,15 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_train(args: argparse.Namespace, console: Console) -> int:
     from tuneforge.config import load_config
     from tuneforge.train.loop import train
+    from tuneforge.train.self_training import self_train
 
     config = load_config(args.config, args.overrides)
     if config.intent.fit and config.intent.data is not None and not config.intent.data.is_file():
         # Found out now, not after the training it would follow.
         raise TuneforgeError(f"intent.data: {config.intent.data}: file not found")
-    result = train(
+    # Self-training runs ordinary trainings, round after round, and publishes one of them.
+    run = self_train if config.train.semi_supervised is not None else train
+    result = run(
         config, resume=args.resume, overwrite=args.overwrite, console=console, show_progress=not args.no_progress
     )
     if config.intent.fit:

@@ -1,0 +1,519 @@
+"""Self-training (noisy-student style): label unlabelled texts with a model, keep the confident labels,
+train again from the pretrained model on the labelled and pseudo-labelled texts, and repeat.
+
+Every round is an ordinary tuneforge run trained by ``loop.train``. The labelled data is split once,
+and the split files are what every round reads, so every round trains on the same labelled rows,
+picks its best epoch on the same validation split and is tested on the same test split: pseudo labels
+never reach validation or test, and the rounds' scores compare like for like.
+
+The rounds live in a work folder beside the target, ``<output.dir>.rounds/``::
+
+    config.yaml                 the user's config (a resumed run must match it)
+    train.csv validation.csv test.csv
+                                the labelled splits, fixed once (text,label)
+    round-0/                    a finished run on train.csv alone (round-0.partial while training)
+    round-K-train.csv           train.csv plus round K's pseudo-labelled rows
+    round-K-pseudo.json         which model labelled them (a fingerprint) and what was kept
+    round-K/                    a finished run on round-K-train.csv
+    self_training.json          the rounds so far
+
+The round that scores best on validation (``train.metric``; ties go to the later round) is published
+as ``output.dir`` with ``self_training.json`` beside its model and the user's config as its
+config.yaml. The work folder is then deleted: every round's scores are kept in self_training.json,
+and a kept model per round would multiply a run's disk use by ``rounds + 1``.
+
+Resuming (``resume=True``) keeps every finished round, resumes an interrupted one from its
+checkpoint, and reuses a round's pseudo labels only while the model that made them is unchanged
+(its fingerprint): if an earlier round had to be trained again, the later rounds are redone, so a
+round never trains on labels another model made.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import shutil
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from tuneforge.config import RunConfig, SelfTrainingConfig
+from tuneforge.data import normalise_for_matching, prepare_data
+from tuneforge.errors import ConfigError, RunDirError, TuneforgeError
+from tuneforge.files import atomic_replace_dir, atomic_write_json, atomic_write_text
+from tuneforge.infer.predictor import Predictor
+from tuneforge.rundir import RunDir, check_replaceable, is_run_dir, open_run_dir
+from tuneforge.train import loop
+from tuneforge.train.checkpoint import has_checkpoint
+from tuneforge.train.step import progress_bar
+from tuneforge.train.unlabelled import read_unlabelled_texts
+
+WORK_SUFFIX = ".rounds"
+REPORT_FILE = "self_training.json"
+_TEACHER_KEY = "train.semi_supervised.teacher"
+_PREDICT_CHUNK = 256
+# What a work folder may hold: anything else in it means it is not ours, and --overwrite must not delete it.
+_WORK_FILES = ("config.yaml", "train.csv", "validation.csv", "test.csv", REPORT_FILE)
+
+
+@dataclass(frozen=True)
+class PseudoLabels:
+    """The pseudo-labelled texts a round adds, with the counts that explain the selection."""
+
+    texts: list[str]
+    labels: list[str]
+    probabilities: list[float]
+    confident: dict[str, int] = field(default_factory=dict)  # per label, before the cap
+    cap: int = 0  # the per-label cap that was applied
+    excluded: int = 0  # unlabelled texts skipped because they are labelled data already
+
+    def per_label(self, label_names: Sequence[str]) -> dict[str, int]:
+        return {name: self.labels.count(name) for name in label_names}
+
+
+def select_pseudo_labels(
+    texts: Sequence[str],
+    probabilities: Sequence[Sequence[float]],
+    label_names: Sequence[str],
+    *,
+    threshold: float,
+    max_per_label: int | None = None,
+    balance_ratio: float = 3.0,
+    exclude: Collection[str] = (),
+) -> PseudoLabels:
+    """The texts whose most probable label has probability ≥ ``threshold``, class-balanced.
+
+    Per label at most ``max_per_label`` texts or, when None, ``balance_ratio`` times as many as the
+    label with the fewest confident texts has (labels with none do not count): a model's pseudo labels
+    lean to the classes it already predicts best, and without a cap they would drown the scarce ones.
+    The most confident texts are kept first, ties in text order, so the same inputs give the same
+    selection. Texts in ``exclude`` (compared case-, width- and spacing-insensitively) are labelled
+    data already: their real label must not compete with a guessed one.
+    """
+    if len(texts) != len(probabilities):
+        raise ValueError(f"{len(texts)} texts but {len(probabilities)} probability rows")
+    excluded_keys = {normalise_for_matching(t) for t in exclude}
+    by_label: dict[int, list[tuple[float, int]]] = {j: [] for j in range(len(label_names))}
+    excluded = 0
+    for i, (text, row) in enumerate(zip(texts, probabilities, strict=True)):
+        if excluded_keys and normalise_for_matching(text) in excluded_keys:
+            excluded += 1
+            continue
+        best = max(range(len(row)), key=row.__getitem__)  # the first of equal maxima
+        if row[best] >= threshold:
+            by_label[best].append((float(row[best]), i))
+    confident = {label_names[j]: len(found) for j, found in by_label.items()}
+    counts = [n for n in confident.values() if n]
+    if not counts:
+        return PseudoLabels([], [], [], confident=confident, cap=0, excluded=excluded)
+    cap = max_per_label if max_per_label is not None else max(1, int(balance_ratio * min(counts)))
+    kept_texts, kept_labels, kept_p = [], [], []
+    for j, found in by_label.items():
+        for p, i in sorted(found, key=lambda item: (-item[0], item[1]))[:cap]:
+            kept_texts.append(texts[i])
+            kept_labels.append(label_names[j])
+            kept_p.append(p)
+    return PseudoLabels(kept_texts, kept_labels, kept_p, confident=confident, cap=cap, excluded=excluded)
+
+
+def work_dir(target: Path | str) -> Path:
+    """Where the rounds for ``target`` are trained: beside it, like training's ``.partial`` folder."""
+    target = Path(target)
+    return target.with_name(target.name + WORK_SUFFIX)
+
+
+def self_train(
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Console | None = None,
+    show_progress: bool = True,
+) -> loop.TrainResult:
+    """Train ``config`` by self-training on ``data.unlabeled`` and publish the best round as ``output.dir``."""
+    console = console or Console(stderr=True)
+    st = config.train.semi_supervised
+    if st is None or config.data.unlabeled is None:
+        raise ConfigError("train.semi_supervised: self-training needs it and data.unlabeled set")
+    target = Path(config.output.dir)
+    work = work_dir(target)
+
+    # Everything that can fail on bad input fails here, before anything is written.
+    _check_output(config, target, work, resume=resume, overwrite=overwrite)
+    data = prepare_data(config.data, seed=config.train.seed)
+    unlabelled = read_unlabelled_texts(config.data.unlabeled, config.data, key="data.unlabeled")
+    if st.teacher is not None:
+        _check_teacher(st.teacher, data.labels)
+    splits = {"train": data.train, "validation": data.validation, "test": data.test}
+    split_csv = {name: _to_csv(part.texts, part.labels) for name, part in splits.items() if part is not None}
+
+    if resume:
+        for name, text in split_csv.items():
+            kept = work / f"{name}.csv"
+            if not kept.is_file() or kept.read_text(encoding="utf-8") != text:
+                raise RunDirError(
+                    f"data.{name}: its {name} split differs from the interrupted self-training's in {work} "
+                    "(the data files changed); resume with the same data, or pass --overwrite to start again"
+                )
+    else:
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        atomic_write_text(work / "config.yaml", config.to_yaml())
+        for name, text in split_csv.items():
+            atomic_write_text(work / f"{name}.csv", text)
+
+    labelled = [*data.train.texts, *data.validation.texts, *(data.test.texts if data.test else [])]
+    unlabelled_digest = _digest("\n".join(unlabelled))
+    console.print(
+        f"self-training: {len(data.train)} labelled training texts, {len(unlabelled)} unlabelled texts, "
+        f"{st.rounds} rounds, threshold {st.threshold}"
+    )
+    rounds: list[dict[str, Any]] = []
+    previous: list[tuple[str, str]] | None = None
+    stopped = None
+    for k in range(st.rounds + 1):
+        if k == 0:
+            train_file, pseudo = work / "train.csv", None
+            labelled_by = None
+        else:
+            labeller = st.teacher if (k == 1 and st.teacher is not None) else work / f"round-{k - 1}"
+            labelled_by = str(Path(labeller).absolute())
+            pseudo = _pseudo_labels(
+                work,
+                k,
+                Path(labeller),
+                unlabelled,
+                unlabelled_digest,
+                labelled,
+                data.labels,
+                st,
+                config,
+                console,
+                show_progress,
+            )
+            selection = sorted(zip(pseudo.texts, pseudo.labels, strict=True))
+            if not pseudo.texts:
+                stopped = f"round {k}: no unlabelled text reached the threshold {st.threshold}"
+            elif selection == previous:
+                stopped = f"round {k}: the same pseudo labels as round {k - 1} (the rounds have converged)"
+            if stopped:
+                console.print(f"self-training stops: {stopped}")
+                break
+            previous = selection
+            train_file = work / f"round-{k}-train.csv"
+            rows = _to_csv([*data.train.texts, *pseudo.texts], [*data.train.labels, *pseudo.labels])
+            if not train_file.exists() or train_file.read_text(encoding="utf-8") != rows:
+                atomic_write_text(train_file, rows)
+        metrics = _train_round(config, work, k, train_file, resume=resume, console=console, show_progress=show_progress)
+        record = _round_record(k, metrics, pseudo, data.labels, st, labelled_by)
+        rounds.append(record)
+        console.print(_describe_round(record, config.train.metric))
+        atomic_write_json(work / REPORT_FILE, _report(rounds, st, config, len(unlabelled), stopped, None))
+
+    metric = config.train.metric
+    best = max(rounds, key=lambda r: (r["validation"][metric], r["index"]))["index"]
+    report = _report(rounds, st, config, len(unlabelled), stopped, best)
+    atomic_write_json(work / REPORT_FILE, report)
+    _publish(work / f"round-{best}", target, config, report)
+    console.print(
+        f"self-training: published round {best} (best validation {metric} "
+        f"{rounds[best]['validation'][metric]:.2f}; round 0: {rounds[0]['validation'][metric]:.2f})"
+    )
+    shutil.rmtree(work, ignore_errors=True)
+    console.print(f"run directory: {target}")
+    metrics = json.loads(RunDir(target).metrics_file.read_text(encoding="utf-8"))
+    return loop.TrainResult(run_dir=target, metrics=metrics)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_output(config: RunConfig, target: Path, work: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse, before any work, whatever train would refuse, and a work folder that is not ours."""
+    check_replaceable(target, option="output.dir")
+    if work.exists() and not _is_work_dir(work):
+        raise RunDirError(
+            f"output.dir: {work} is not a tuneforge self-training folder; refusing to use or replace it: "
+            "choose another output.dir"
+        )
+    if resume:
+        saved = work / "config.yaml"
+        if not saved.is_file():
+            raise RunDirError(f"output.dir: no interrupted self-training of {target} to resume ({work} not found)")
+        _check_same_config(saved, config)
+        return
+    if overwrite:
+        return
+    if work.exists() and any(work.iterdir()):
+        raise RunDirError(
+            f"output.dir: {work} holds an interrupted self-training of {target}; "
+            "pass --resume to continue it or --overwrite to start again"
+        )
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise RunDirError(f"output.dir: {target} already exists; pass --overwrite to replace it")
+
+
+def _is_work_dir(path: Path) -> bool:
+    if not path.is_dir() or path.is_symlink():
+        return False
+    for entry in path.iterdir():
+        name = entry.name
+        if name in _WORK_FILES or name.startswith(".") or name.startswith("round-"):
+            continue
+        return False
+    return True
+
+
+def _check_same_config(saved_file: Path, config: RunConfig) -> None:
+    import yaml
+
+    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+    for section, values in config.model_dump(mode="json").items():
+        for key, value in values.items():
+            if (section, key) in loop.RESUME_IGNORED_KEYS:
+                continue
+            if saved.get(section, {}).get(key) != value:
+                raise RunDirError(
+                    f"{section}.{key}: differs from the interrupted self-training in {saved_file.parent} "
+                    f"({saved.get(section, {}).get(key)!r} there, {value!r} now); resume with the same config"
+                )
+
+
+def _check_teacher(teacher: Path, labels: list[str]) -> None:
+    try:
+        theirs = open_run_dir(teacher).labels()
+    except TuneforgeError as exc:
+        raise ConfigError(f"{_TEACHER_KEY}: {exc}") from None
+    if theirs != labels:
+        raise ConfigError(
+            f"{_TEACHER_KEY}: {teacher} has the labels {theirs}, but the training data's are {labels}; "
+            "the teacher must know the same labels in the same order"
+        )
+
+
+# --------------------------------------------------------------------------- rounds
+
+
+def _round_config(config: RunConfig, work: Path, k: int, train_file: Path) -> RunConfig:
+    """An ordinary run's config: the fixed split files, no self-training, the round's folder."""
+    raw = config.model_dump()
+    test = work / "test.csv"
+    raw["data"].update(
+        train=train_file,
+        validation=work / "validation.csv",
+        test=test if test.is_file() else None,
+        format="csv",
+        text_column="text",
+        label_column="label",
+        encoding="utf-8",
+        max_train_rows=None,  # the labelled split is subsampled already
+        unlabeled=None,
+    )
+    raw["train"]["semi_supervised"] = None
+    raw["output"]["dir"] = work / f"round-{k}"
+    return RunConfig.model_validate(raw)
+
+
+def _train_round(
+    config: RunConfig, work: Path, k: int, train_file: Path, *, resume: bool, console: Console, show_progress: bool
+) -> dict[str, Any]:
+    """Train round ``k`` (or keep it, finished; or resume it, interrupted) and return its metrics."""
+    run = RunDir(work / f"round-{k}")
+    if resume and run.metrics_file.is_file():
+        console.print(f"self-training round {k}: finished already, kept ({run.path})")
+    else:
+        staging = RunDir(loop.staging_dir(run.path))
+        resumable = resume and has_checkpoint(staging.checkpoint_dir)
+        console.print(
+            f"self-training round {k}: " + ("resuming" if resumable else "training") + f" on {train_file.name}"
+        )
+        # overwrite: a leftover of this round (an unfinished run without a checkpoint, or one that a
+        # changed earlier round made stale) is ours to replace.
+        loop.train(
+            _round_config(config, work, k, train_file),
+            resume=resumable,
+            overwrite=not resumable,
+            console=console,
+            show_progress=show_progress,
+        )
+    return json.loads(run.metrics_file.read_text(encoding="utf-8"))
+
+
+def _pseudo_labels(
+    work: Path,
+    k: int,
+    labeller: Path,
+    unlabelled: list[str],
+    unlabelled_digest: str,
+    labelled: list[str],
+    label_names: list[str],
+    st: SelfTrainingConfig,
+    config: RunConfig,
+    console: Console,
+    show_progress: bool,
+) -> PseudoLabels:
+    """Round ``k``'s pseudo labels: reused while the model that made them is unchanged, else made again
+    (and then the round's run, trained on other labels, is dropped)."""
+    meta_file = work / f"round-{k}-pseudo.json"
+    fingerprint = _digest(json.dumps([_run_fingerprint(labeller), unlabelled_digest, st.model_dump(mode="json")]))
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        if meta.get("fingerprint") == fingerprint:
+            console.print(f"self-training round {k}: reusing the pseudo labels in {meta_file.name}")
+            return PseudoLabels(
+                texts=[t for t, _, _ in meta["rows"]],
+                labels=[y for _, y, _ in meta["rows"]],
+                probabilities=[p for _, _, p in meta["rows"]],
+                confident=meta["confident"],
+                cap=meta["cap"],
+                excluded=meta["excluded"],
+            )
+    for stale in (work / f"round-{k}", loop.staging_dir(work / f"round-{k}")):
+        if stale.exists():
+            check_replaceable(stale, option="output.dir")
+            shutil.rmtree(stale)
+    probabilities = _predict(labeller, unlabelled, label_names, config, console, show_progress)
+    pseudo = select_pseudo_labels(
+        unlabelled,
+        probabilities,
+        label_names,
+        threshold=st.threshold,
+        max_per_label=st.max_per_label,
+        balance_ratio=st.balance_ratio,
+        exclude=labelled,
+    )
+    rows = [[t, y, round(p, 6)] for t, y, p in zip(pseudo.texts, pseudo.labels, pseudo.probabilities, strict=True)]
+    meta = {
+        "fingerprint": fingerprint,
+        "labelled_by": str(labeller.absolute()),
+        "confident": pseudo.confident,
+        "cap": pseudo.cap,
+        "excluded": pseudo.excluded,
+        "rows": rows,
+    }
+    atomic_write_json(meta_file, meta)
+    return pseudo
+
+
+def _predict(
+    labeller: Path, texts: list[str], label_names: list[str], config: RunConfig, console: Console, show_progress: bool
+) -> list[list[float]]:
+    # A teacher is checked up front (_check_teacher); a round's model is this run's own.
+    predictor = Predictor(
+        labeller, open_set=False, threads=config.train.threads, batch_size=config.train.eval_batch_size
+    )
+    if predictor.labels != label_names:
+        raise RunDirError(f"{labeller}: has the labels {predictor.labels}, not the training data's {label_names}")
+    out: list[list[float]] = []
+    with progress_bar(console, show_progress) as progress:
+        task = progress.add_task("pseudo-label", total=len(texts), info=labeller.name)
+        for start in range(0, len(texts), _PREDICT_CHUNK):
+            chunk = texts[start : start + _PREDICT_CHUNK]
+            out.extend(predictor.predict_proba(chunk))
+            progress.advance(task, len(chunk))
+    return out
+
+
+def _run_fingerprint(run: Path) -> str:
+    """What identifies a model's version cheaply: its run's small files (metrics.json is rewritten, with
+    new timings, by every training), plus where it is."""
+    h = hashlib.sha256(str(run.absolute()).encode())
+    for name in ("labels.json", "metrics.json", "config.yaml", "variant.json"):
+        file = run / name
+        h.update(name.encode() + (file.read_bytes() if file.is_file() else b"-"))
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- report and publish
+
+
+def _round_record(
+    k: int,
+    metrics: dict[str, Any],
+    pseudo: PseudoLabels | None,
+    label_names: list[str],
+    st: SelfTrainingConfig,
+    labelled_by: str | None,
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "index": k,
+        "train_examples": metrics["train"]["examples"],
+        "pseudo_labelled": 0 if pseudo is None else len(pseudo.texts),
+        "pseudo_labelled_per_label": {name: 0 for name in label_names}
+        if pseudo is None
+        else pseudo.per_label(label_names),
+        "threshold": None if pseudo is None else st.threshold,
+        "labelled_by": labelled_by,
+        "validation": {"accuracy": metrics["validation"]["accuracy"], "macro_f1": metrics["validation"]["macro_f1"]},
+    }
+    if pseudo is not None:
+        record["confident_per_label"] = pseudo.confident
+        record["cap_per_label"] = pseudo.cap
+        record["skipped_as_labelled"] = pseudo.excluded
+    if "test" in metrics:
+        record["test"] = {"accuracy": metrics["test"]["accuracy"], "macro_f1": metrics["test"]["macro_f1"]}
+    return record
+
+
+def _describe_round(record: dict[str, Any], metric: str) -> str:
+    added = ""
+    if record["index"]:
+        per_label = ", ".join(f"{name} {n}" for name, n in record["pseudo_labelled_per_label"].items())
+        added = f", {record['pseudo_labelled']} pseudo-labelled added ({per_label})"
+    return (
+        f"self-training round {record['index']}: {record['train_examples']} training examples{added}; "
+        f"validation {metric} {record['validation'][metric]:.2f}"
+    )
+
+
+def _report(
+    rounds: list[dict[str, Any]],
+    st: SelfTrainingConfig,
+    config: RunConfig,
+    n_unlabelled: int,
+    stopped: str | None,
+    published: int | None,
+) -> dict[str, Any]:
+    return {
+        "method": st.method,
+        "settings": st.model_dump(mode="json"),
+        "unlabelled_texts": n_unlabelled,
+        "metric": config.train.metric,
+        "published_round": published,
+        "chosen_by": f"best validation {config.train.metric} (ties: the later round)",
+        "stopped_early": stopped,
+        "rounds": rounds,
+    }
+
+
+def _publish(round_dir: Path, target: Path, config: RunConfig, report: dict[str, Any]) -> None:
+    """Copy the chosen round in as ``target`` (one swap), with the report and the user's own config."""
+    check_replaceable(target, option="output.dir")  # whatever is there now, not when the run started
+    if not is_run_dir(round_dir):
+        raise RunDirError(f"{round_dir}: the round's run is missing")
+
+    def write(folder: Path) -> None:
+        # A copy, not a move: until the swap, a kill leaves the rounds whole for --resume.
+        shutil.copytree(round_dir, folder, dirs_exist_ok=True)
+        atomic_write_text(folder / "config.yaml", config.to_yaml())
+        atomic_write_json(folder / REPORT_FILE, report)
+
+    atomic_replace_dir(target, write)
+
+
+def _to_csv(texts: Sequence[str], labels: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["text", "label"])
+    writer.writerows(zip(texts, labels, strict=True))
+    return buffer.getvalue()
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
