@@ -14,7 +14,7 @@ from rich.console import Console
 
 from tests.conftest import make_rows, tiny_config, write_csv
 from tuneforge.config import validate_config
-from tuneforge.errors import ConfigError, DataError, RunDirError
+from tuneforge.errors import ConfigError, DataError, ModelError, RunDirError
 from tuneforge.infer.predictor import Predictor
 from tuneforge.train import loop
 from tuneforge.train.checkpoint import LoopState, has_checkpoint
@@ -270,6 +270,14 @@ def test_bad_unlabelled_file_fails_before_anything_is_written(
     with pytest.raises(DataError, match=message):
         self_train(validate_config(raw), show_progress=False, console=Console(file=io.StringIO()))
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.rounds").exists()
+
+
+def test_a_model_that_cannot_be_loaded_fails_before_anything_is_written(tiny_model_dir: Path, tmp_path: Path) -> None:
+    raw = _st_config(tiny_model_dir, tmp_path, epochs=1, rounds=1, threshold=0.9)
+    raw["model"]["name"] = str(tmp_path / "no-such-model")
+    with pytest.raises(ModelError, match=r"model\.name"):
+        self_train(validate_config(raw), show_progress=False, console=Console(file=io.StringIO()))
+    assert not (tmp_path / "run.rounds").exists()
 
 
 def test_a_teacher_with_other_labels_is_refused(tiny_model_dir: Path, tmp_path: Path, trained_tiny_run: Path) -> None:

@@ -47,6 +47,7 @@ from tuneforge.data import normalise_for_matching, prepare_data
 from tuneforge.errors import ConfigError, RunDirError, TuneforgeError
 from tuneforge.files import atomic_replace_dir, atomic_write_json, atomic_write_text
 from tuneforge.infer.predictor import Predictor
+from tuneforge.models.loading import load_tokenizer
 from tuneforge.rundir import RunDir, check_replaceable, is_run_dir, open_run_dir
 from tuneforge.train import loop
 from tuneforge.train.checkpoint import has_checkpoint
@@ -145,6 +146,7 @@ def self_train(
 
     # Everything that can fail on bad input fails here, before anything is written.
     _check_output(config, target, work, resume=resume, overwrite=overwrite)
+    load_tokenizer(config.model)  # a model that cannot be found fails now, not after the splits are written
     data = prepare_data(config.data, seed=config.train.seed)
     unlabelled = read_unlabelled_texts(config.data.unlabeled, config.data, key="data.unlabeled")
     if st.teacher is not None:
@@ -172,7 +174,7 @@ def self_train(
     unlabelled_digest = _digest("\n".join(unlabelled))
     console.print(
         f"self-training: {len(data.train)} labelled training texts, {len(unlabelled)} unlabelled texts, "
-        f"{st.rounds} rounds, threshold {st.threshold}"
+        f"rounds {st.rounds}, threshold {st.threshold}"
     )
     rounds: list[dict[str, Any]] = []
     previous: list[tuple[str, str]] | None = None
