@@ -26,6 +26,9 @@ from tuneforge.models.loading import predict_logits
 from tuneforge.models.runs import load_run_classifier
 from tuneforge.rundir import open_run_dir
 
+#: The label of a transfer-data example: the teacher's logits are its only target.
+NO_LABEL = -100
+
 
 def distillation_loss(
     student_logits: torch.Tensor,
@@ -36,11 +39,12 @@ def distillation_loss(
     alpha: float,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """``alpha · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 − alpha) · CE(s, labels)``.
+    """``alpha · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 − alpha) · CE(s, labels)``, averaged over examples.
 
-    KL summed over classes and averaged over examples; the ``T²`` keeps the soft term's gradients on
-    the same scale whatever the temperature. ``label_smoothing`` applies to the CE term only. The
-    teacher's logits carry no gradient.
+    KL summed over classes; the ``T²`` keeps the soft term's gradients on the same scale whatever the
+    temperature. ``label_smoothing`` applies to the CE term only. The teacher's logits carry no gradient.
+    An example labelled ``NO_LABEL`` (transfer data, which only the teacher labels) counts with the KL
+    term alone, at full weight.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -51,15 +55,31 @@ def distillation_loss(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ"
         )
     student = student_logits.float()
-    loss = student.new_zeros(())
-    if alpha > 0:
-        log_student = F.log_softmax(student / temperature, dim=-1)
-        log_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
-        kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
-        loss = loss + alpha * temperature**2 * kl
-    if alpha < 1:
-        loss = loss + (1 - alpha) * F.cross_entropy(student, labels, label_smoothing=label_smoothing)
-    return loss
+    has_label = labels != NO_LABEL
+    if bool(has_label.all()):  # the usual case, in the usual reductions (alpha 0 is plain cross-entropy, bit for bit)
+        loss = student.new_zeros(())
+        if alpha > 0:
+            kl = F.kl_div(*_log_softmaxes(student, teacher_logits, temperature), reduction="batchmean", log_target=True)
+            loss = loss + alpha * temperature**2 * kl
+        if alpha < 1:
+            loss = loss + (1 - alpha) * F.cross_entropy(student, labels, label_smoothing=label_smoothing)
+        return loss
+    kl_each = F.kl_div(*_log_softmaxes(student, teacher_logits, temperature), reduction="none", log_target=True)
+    kl_weight = torch.where(has_label, alpha, 1.0).to(student.dtype)
+    loss = kl_weight * temperature**2 * kl_each.sum(dim=-1)
+    if alpha < 1 and bool(has_label.any()):
+        ce = F.cross_entropy(student, labels.clamp(min=0), label_smoothing=label_smoothing, reduction="none")
+        loss = loss + torch.where(has_label, (1.0 - alpha) * ce, 0.0)
+    return loss.mean()
+
+
+def _log_softmaxes(
+    student: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        F.log_softmax(student / temperature, dim=-1),
+        F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1),
+    )
 
 
 def teacher_targets(

@@ -40,6 +40,15 @@ from tuneforge.rundir import RunDir, check_replaceable
 from tuneforge.train.checkpoint import LoopState, has_checkpoint, load_checkpoint, save_checkpoint
 from tuneforge.train.distill import load_teacher_logits, save_teacher_logits
 from tuneforge.train.ema import WeightAverage
+from tuneforge.train.extra_texts import (
+    AugmentedCopies,
+    TransferTexts,
+    augmented_copies,
+    save_augmented,
+    save_transfer,
+    summary,
+    transfer_texts,
+)
 from tuneforge.train.optim import apply_schedule
 from tuneforge.train.setup import trainable_model
 from tuneforge.train.step import TrainingSet, encode_training_set, epoch_batches, progress_bar, teacher_pass, train_step
@@ -141,10 +150,10 @@ def _set_up(config: RunConfig, *, resume: bool, overwrite: bool, console: Consol
     run = _check_output(cfg, target, resume=resume, overwrite=overwrite)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, seed=tcfg.seed, tokenizer=tokenizer, max_length=cfg.model.max_length)
-    epochs = auto_epochs(
-        len(data.train), tcfg.epochs, tcfg.min_train_samples, tcfg.min_auto_epochs, tcfg.max_auto_epochs
-    )
-    steps_per_epoch = math.ceil(math.ceil(len(data.train) / tcfg.batch_size) / tcfg.grad_accum_steps)
+    extra = _extra_texts(cfg, run, data, resume, console, show_progress)
+    n_examples = len(extra.texts) + len(extra.transfer)
+    epochs = auto_epochs(n_examples, tcfg.epochs, tcfg.min_train_samples, tcfg.min_auto_epochs, tcfg.max_auto_epochs)
+    steps_per_epoch = math.ceil(math.ceil(n_examples / tcfg.batch_size) / tcfg.grad_accum_steps)
     total_steps = epochs * steps_per_epoch
     # What learns (everything, or an adapter and the head) and the optimizer.
     torch.manual_seed(tcfg.seed)
@@ -152,12 +161,16 @@ def _set_up(config: RunConfig, *, resume: bool, overwrite: bool, console: Consol
     trainable, total = adapters.trainable_parameter_count(model)
     average = WeightAverage(model, tcfg.ema_decay) if tcfg.ema_decay is not None else None
     console.print(format_audit(data.audit))
-    soft_targets = _teacher_logits(cfg, run, data, resume, console, show_progress)
+    for line in extra.lines:
+        console.print(line)
+    teacher_texts = [*extra.texts, *extra.transfer]
+    soft_targets = _teacher_logits(cfg, run, teacher_texts, data.labels, resume, console, show_progress)
 
     if not resume:
         _start_run_dir(run, cfg, data)
+    extra.save(run.path)
     if soft_targets is not None:
-        save_teacher_logits(run.teacher_logits_file, soft_targets, cfg.distill, data.train.texts)
+        save_teacher_logits(run.teacher_logits_file, soft_targets, cfg.distill, teacher_texts)
     label_index = {name: i for i, name in enumerate(data.labels)}
     s = _Session(
         cfg=cfg,
@@ -169,20 +182,32 @@ def _set_up(config: RunConfig, *, resume: bool, overwrite: bool, console: Consol
         optimizer=optimizer,
         average=average,
         train_set=encode_training_set(
-            cfg, tokenizer, data.train.texts, data.train.labels, data.labels, teacher_logits=soft_targets
+            cfg,
+            tokenizer,
+            extra.texts,
+            extra.labels,
+            data.labels,
+            teacher_logits=soft_targets,
+            unlabelled_texts=extra.transfer,
         ),
         val_ids=encode_texts(tokenizer, data.validation.texts, cfg.model.max_length),
         val_y=[label_index[y] for y in data.validation.labels],
         epochs=epochs,
         total_steps=total_steps,
-        counts={"trainable_parameters": trainable, "total_parameters": total},
+        counts={
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "labelled_examples": len(data.train),
+            "augmented_examples": len(extra.texts) - len(data.train),
+            "transfer_examples": len(extra.transfer),
+        },
         state=LoopState(),
     )
     if resume:
         _restore(s)
         console.print(f"resuming {run.path} at step {s.state.step}/{total_steps} (epoch {s.state.epoch + 1})")
     console.print(
-        f"training {len(data.train)} examples, {len(data.labels)} labels, {epochs} epochs, "
+        f"training {n_examples} examples, {len(data.labels)} labels, {epochs} epochs, "
         f"{total_steps} steps of {tcfg.batch_size * tcfg.grad_accum_steps}; {cfg.finetune.method} fine-tuning, "
         f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)"
     )
@@ -233,17 +258,72 @@ def _check_same_config(saved_yaml: str, config: RunConfig, path: Path) -> None:
                 )
 
 
-def _teacher_logits(
+@dataclass
+class _ExtraTexts:
+    """What the run trains on: the labelled split plus augmented copies (``texts``/``labels``), then the
+    transfer texts that only the teacher labels; ``lines`` say what was added, for the console."""
+
+    texts: list[str]
+    labels: list[str]
+    transfer: list[str]
+    augmented: AugmentedCopies | None
+    transfer_data: TransferTexts | None
+    lines: list[str]
+
+    def save(self, staging: Path) -> None:
+        """Keep what was made now (not what was reused) for a resumed run."""
+        if self.augmented is not None and not self.augmented.report.get("reused"):
+            save_augmented(staging, self.augmented)
+        if self.transfer_data is not None and not self.transfer_data.report.get("reused"):
+            save_transfer(staging, self.transfer_data)
+
+
+def _extra_texts(
     cfg: RunConfig, run: RunDir, data: PreparedData, resume: bool, console: Console, show_progress: bool
+) -> _ExtraTexts:
+    """``data.augment`` and ``distill.transfer_data``, made before the run folder is (re)started; the audit
+    records their counts."""
+    with progress_bar(console, show_progress, info=False) as progress:
+        augmented = augmented_copies(cfg, data, run.path, resume=resume, progress=progress)
+        transfer = transfer_texts(cfg, data, run.path, resume=resume, progress=progress)
+    lines = []
+    texts, labels = list(data.train.texts), list(data.train.labels)
+    if augmented is not None:
+        texts += augmented.texts
+        labels += augmented.labels
+        data.audit["augmentation"] = summary(augmented.report)
+        kept = ", ".join(f"{op} {tally['kept']:,}" for op, tally in augmented.report["operations"].items())
+        reused = " (kept from the interrupted run)" if augmented.report.get("reused") else ""
+        lines.append(f"augmented: +{len(augmented.texts):,} copies of the training texts ({kept}){reused}")
+    if transfer is not None:
+        data.audit["transfer_data"] = summary(transfer.report)
+        dropped = transfer.report["dropped"]
+        lines.append(
+            f"transfer data: {len(transfer.texts):,} texts for the teacher to label "
+            f"({transfer.report['from_file']:,} from the file, {transfer.report['augmented_copies']:,} augmented; "
+            f"dropped {dropped['in_validation_or_test']:,} validation/test texts, {dropped['in_train']:,} "
+            f"training texts, {dropped['repeated']:,} repeats; {transfer.report['sampled_out']:,} sampled out)"
+            + (" (kept from the interrupted run)" if transfer.report.get("reused") else "")
+        )
+    return _ExtraTexts(texts, labels, transfer.texts if transfer else [], augmented, transfer, lines)
+
+
+def _teacher_logits(
+    cfg: RunConfig,
+    run: RunDir,
+    texts: list[str],
+    labels: list[str],
+    resume: bool,
+    console: Console,
+    show_progress: bool,
 ) -> torch.Tensor | None:
     """Distillation's soft targets: one pass of the teacher per run; a resumed run reuses the kept logits."""
     if cfg.distill.teacher is None:
         return None
-    texts = data.train.texts
     if resume and (kept := load_teacher_logits(run.teacher_logits_file, cfg.distill, texts)) is not None:
         console.print(f"distillation: reusing the teacher's logits kept in {run.teacher_logits_file}")
         return kept
-    return teacher_pass(cfg, texts, data.labels, console, show_progress)
+    return teacher_pass(cfg, texts, labels, console, show_progress)
 
 
 def _start_run_dir(run: RunDir, cfg: RunConfig, data: PreparedData) -> None:
@@ -389,7 +469,7 @@ def _finish(s: _Session, console: Console) -> TrainResult:
         ids = encode_texts(tokenizer, texts.texts, max_len)
         metrics[split] = _evaluate(model, ids, [label_index[y] for y in texts.labels], label_names, pad_id, bs)
     metrics["train"] = {
-        "examples": len(s.data.train),
+        "examples": len(s.train_set.ids),
         "steps": state.step,
         "epochs_completed": state.epoch,
         "samples_per_second": round(state.samples / max(state.train_seconds, 1e-9), 2),

@@ -9,6 +9,7 @@ weight average.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tuneforge import adapters
 from tuneforge.config import DistillConfig, RunConfig, TrainConfig
 from tuneforge.data.batching import collate, encode_texts, length_grouped_batches
-from tuneforge.train.distill import teacher_targets
+from tuneforge.train.distill import NO_LABEL, teacher_targets
 from tuneforge.train.ema import WeightAverage
 from tuneforge.train.regularize import Teacher, regularized_backward
 
@@ -52,12 +53,17 @@ def encode_training_set(
     labels: list[str],
     label_names: list[str],
     teacher_logits: torch.Tensor | None = None,
+    unlabelled_texts: Sequence[str] = (),
 ) -> TrainingSet:
-    """Tokenise once; batches are padded later, only to their own longest text."""
+    """Tokenise once; batches are padded later, only to their own longest text.
+
+    ``unlabelled_texts`` (transfer data) follow the labelled ones with the label ``NO_LABEL``: the
+    teacher's logits, which then cover them too, are their only target.
+    """
     index = {name: i for i, name in enumerate(label_names)}
     return TrainingSet(
-        ids=encode_texts(tokenizer, texts, cfg.model.max_length),
-        labels=torch.tensor([index[y] for y in labels]),
+        ids=encode_texts(tokenizer, [*texts, *unlabelled_texts], cfg.model.max_length),
+        labels=torch.tensor([index[y] for y in labels] + [NO_LABEL] * len(unlabelled_texts)),
         pad_id=tokenizer.pad_token_id or 0,
         teacher_logits=teacher_logits,
         distill=cfg.distill if teacher_logits is not None else None,
@@ -70,11 +76,14 @@ def epoch_batches(lengths: list[int], cfg: TrainConfig, epoch: int) -> list[list
     return length_grouped_batches(lengths, cfg.batch_size, generator=generator, group_by_length=cfg.group_by_length)
 
 
-def progress_bar(console: Console, enabled: bool, *, remaining: bool = True) -> Progress:
+def progress_bar(console: Console, enabled: bool, *, remaining: bool = True, info: bool = True) -> Progress:
+    """Rich progress; with ``info``, every task must carry an ``info`` field (shown after the bar)."""
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     if remaining:
         columns.append(TimeRemainingColumn())
-    return Progress(*columns, TextColumn("{task.fields[info]}"), console=console, disable=not enabled)
+    if info:
+        columns.append(TextColumn("{task.fields[info]}"))
+    return Progress(*columns, console=console, disable=not enabled)
 
 
 def teacher_pass(
