@@ -38,7 +38,7 @@ class ModelConfig(_Section):
     classifier_dropout: float | None = Field(None, ge=0.0, lt=1.0)
 
 
-AugmentOperation = Literal["swap", "delete", "insert", "typo", "case", "neighbour"]
+AugmentOperation = Literal["swap", "delete", "insert", "typo", "case", "neighbour", "paraphrase"]
 
 
 class AugmentConfig(_Section):
@@ -48,7 +48,8 @@ class AugmentConfig(_Section):
     operations: list[AugmentOperation] = Field(
         default_factory=lambda: ["swap", "delete", "insert", "typo", "case"],
         min_length=1,
-        description="swap, delete, insert (EDA), typo, case (noise), neighbour (word-embedding neighbours).",
+        description="swap, delete, insert (EDA), typo, case (noise), neighbour (word-embedding neighbours), "
+        "paraphrase (a small generative model; the paraphrase extra).",
     )
     copies: int = Field(1, ge=1, le=100, description="Copies each operation makes of each text.")
     rate: float = Field(0.1, gt=0.0, le=1.0, description="Share of a text's words (or CJK characters) changed.")
@@ -62,6 +63,11 @@ class AugmentConfig(_Section):
     min_probability: float = Field(0.5, ge=0.0, le=1.0, description="The filter's bar for a copy's label.")
     neighbour_model: str | None = Field(
         None, description="neighbour: a run directory or model name whose word embeddings to use; None: model.name."
+    )
+    paraphrase_engine: Literal["auto", "llama_cpp", "transformers"] = Field(
+        "auto",
+        description="paraphrase: llama_cpp (llama-cpp-python), transformers (slower, needs gguf), or auto "
+        "(llama_cpp when installed).",
     )
 
     @field_serializer("filter_run", when_used="json")

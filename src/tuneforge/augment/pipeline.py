@@ -19,12 +19,15 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from tuneforge.augment.paraphrase import ENGINES as PARAPHRASE_ENGINES
+from tuneforge.augment.paraphrase import Paraphraser, RateColumn
 from tuneforge.data.augment import (
     DEFAULT_RATE,
     MODEL_FREE_OPERATIONS,
     Candidate,
     NeighbourLookup,
     OperationCounts,
+    ParaphraseLookup,
     classes_to_augment,
     generate_candidates,
     parse_operations,
@@ -53,6 +56,7 @@ class AugmentOptions:
     min_probability: float = 0.5
     neighbour_model: str | None = None  # a run directory or model name; default: filter_run
     neighbours: int = 5
+    paraphrase_engine: str = "auto"  # auto (llama_cpp if installed, else transformers), llama_cpp, transformers
 
     def check(self) -> AugmentOptions:
         operations = parse_operations(self.operations)
@@ -66,6 +70,10 @@ class AugmentOptions:
             raise DataError(
                 "operation 'neighbour' needs a model's word embeddings: give a neighbour model "
                 "(--neighbour-model RUN_OR_MODEL) or a filter run"
+            )
+        if self.paraphrase_engine not in PARAPHRASE_ENGINES:
+            raise DataError(
+                f"paraphrase engine: unknown {self.paraphrase_engine!r}; choose from {', '.join(PARAPHRASE_ENGINES)}"
             )
         return AugmentOptions(**{**asdict(self), "operations": operations})
 
@@ -122,9 +130,11 @@ def augment_texts(
     *,
     neighbours: NeighbourLookup | None = None,
     label_filter: LabelFilter | None = None,
+    paraphraser: Paraphraser | None = None,
     progress: Progress | None = None,
 ) -> AugmentResult:
-    """Augment in memory. ``neighbours`` and ``label_filter`` are loaded from ``options`` when not given."""
+    """Augment in memory. ``neighbours``, ``label_filter`` and ``paraphraser`` are loaded from ``options``
+    when not given (the paraphraser only when ``paraphrase`` is among the operations)."""
     options = options.check()
     if not texts:
         raise DataError("augmentation: no texts to augment")
@@ -138,6 +148,16 @@ def augment_texts(
 
         source = options.neighbour_model if options.neighbour_model is not None else options.filter_run
         neighbours = load_neighbours(str(source), k=options.neighbours)
+    paraphrases: ParaphraseLookup | None = None
+    if "paraphrase" in options.operations:
+        if paraphraser is None:
+            from tuneforge.augment.paraphrase import load_paraphraser
+
+            paraphraser = load_paraphraser(options.paraphrase_engine, seed=options.seed)
+        # One generation pass over the texts that will be augmented, before the others' cheap copies.
+        wanted = classes_to_augment(labels, options.balance_below)
+        chosen = [text for text, label in zip(texts, labels, strict=True) if label in wanted]
+        paraphrases = paraphraser.lookup(chosen, options.copies, progress=progress)
 
     counts: dict[str, OperationCounts] = {}
     task = progress.add_task("augmenting", total=len(texts)) if progress is not None else None
@@ -149,6 +169,7 @@ def augment_texts(
         seed=options.seed,
         rate=options.rate,
         neighbours=neighbours,
+        paraphrases=paraphrases,
         balance_below=options.balance_below,
         counts=counts,
         on_text=(lambda: progress.advance(task)) if progress is not None and task is not None else None,
@@ -160,6 +181,8 @@ def augment_texts(
         operations=[ORIGINAL] * len(texts) + [c.operation for c in kept],
     )
     result.report = _report(texts, labels, kept, counts, options, label_filter, time.perf_counter() - started)
+    if paraphrases is not None and paraphraser is not None:
+        result.report["paraphrase"] = paraphraser.stats.to_dict()
     return result
 
 
@@ -224,6 +247,7 @@ def _report(
             if "neighbour" in options.operations
             else None,
             "neighbours": options.neighbours if "neighbour" in options.operations else None,
+            "paraphrase_engine": options.paraphrase_engine if "paraphrase" in options.operations else None,
         },
         "filter": None
         if label_filter is None
@@ -268,6 +292,7 @@ def augment_file(
         TextColumn("[bold]{task.description}[/bold]"),
         BarColumn(),
         MofNCompleteColumn(),
+        RateColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console or Console(stderr=True),

@@ -10,6 +10,9 @@ Operations (names as the CLI and configs spell them):
   This module picks the words (never stop words, numbers, entity-like tokens, e-mails or URLs); the
   neighbours come from a lookup the caller passes in (``tuneforge.augment`` builds one from a
   model's input embeddings), so that data stays free of models.
+- ``paraphrase``: the whole text said again by a generative model. Generation is costly and batch-shaped,
+  so ``tuneforge.augment.paraphrase`` makes every paraphrase beforehand, in one cached pass, and the
+  caller passes in a lookup (text, copy) -> paraphrase, or why there is none.
 
 Each copy of each text gets its own random generator, seeded from (seed, operation, copy, text): the
 result of one text does not depend on the others, on their order or on which other operations run,
@@ -29,15 +32,26 @@ from dataclasses import dataclass, field
 from tuneforge.data.cleaning import normalise_for_matching
 from tuneforge.errors import DataError
 
-#: Operations that need no model; ``neighbour`` needs a neighbour lookup as well.
+#: Operations that need no model; ``neighbour`` needs a neighbour lookup, ``paraphrase`` a paraphrase lookup.
 MODEL_FREE_OPERATIONS = ("swap", "delete", "insert", "typo", "case")
-OPERATIONS = (*MODEL_FREE_OPERATIONS, "neighbour")
+OPERATIONS = (*MODEL_FREE_OPERATIONS, "neighbour", "paraphrase")
 #: Operations that act on CJK characters (the others leave a CJK text unchanged).
 CJK_OPERATIONS = ("swap", "delete", "insert")
 DEFAULT_RATE = 0.1
 
 #: A lookup from a lower-case word to its nearest neighbours, best first; empty when it has none.
 NeighbourLookup = Callable[[str], Sequence[str]]
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """No copy: why (a paraphrase that was empty, an echo of the prompt, far too long ...), for the report."""
+
+    reason: str
+
+
+#: A lookup from (text, copy number) to that copy's paraphrase, or why there is none.
+ParaphraseLookup = Callable[[str, int], str | Rejected]
 
 # Han ideographs (extension A, unified, compatibility), kana. Hangul is written with spaces between
 # words, so Korean takes the word-level operations.
@@ -353,8 +367,16 @@ def apply_operation(
     *,
     rate: float = DEFAULT_RATE,
     neighbours: NeighbourLookup | None = None,
+    paraphrases: ParaphraseLookup | None = None,
+    copy: int = 0,
 ) -> str:
-    """One augmented copy of ``text``; the text itself when the operation cannot change it."""
+    """One augmented copy of ``text`` (copy number ``copy``); the text itself when the operation cannot
+    change it (for ``paraphrase``: when the lookup has no paraphrase of it)."""
+    if operation == "paraphrase":
+        if paraphrases is None:
+            raise DataError(_NEEDS_PARAPHRASES)
+        found = paraphrases(text, copy)
+        return found if isinstance(found, str) else text
     if operation == "neighbour":
         if neighbours is None:
             raise DataError("augmentation operation 'neighbour' needs a model's word embeddings (a neighbour lookup)")
@@ -364,6 +386,8 @@ def apply_operation(
         raise DataError(f"augmentation operation: unknown {operation!r}; choose from {', '.join(OPERATIONS)}")
     return function(text, rng, rate=rate)
 
+
+_NEEDS_PARAPHRASES = "augmentation operation 'paraphrase' needs a generative model (a paraphrase lookup)"
 
 _FUNCTIONS: dict[str, Callable[..., str]] = {
     "swap": random_swap,
@@ -418,6 +442,7 @@ def generate_candidates(
     seed: int = 0,
     rate: float = DEFAULT_RATE,
     neighbours: NeighbourLookup | None = None,
+    paraphrases: ParaphraseLookup | None = None,
     balance_below: int | None = None,
     counts: dict[str, OperationCounts] | None = None,
     on_text: Callable[[], None] | None = None,
@@ -426,7 +451,8 @@ def generate_candidates(
 
     Dropped here (counted per operation in ``counts``): ``unchanged`` (the operation could not change
     the text), ``duplicate_of_original`` (equal to an original text under normalised matching) and
-    ``duplicate`` (equal to an earlier candidate). ``on_text`` is called once per original (progress).
+    ``duplicate`` (equal to an earlier candidate), and for ``paraphrase`` the lookup's reasons.
+    ``on_text`` is called once per original (progress).
     """
     if copies < 1:
         raise DataError(f"copies: must be at least 1, got {copies}")
@@ -438,6 +464,8 @@ def generate_candidates(
     operations = parse_operations(operations)
     if "neighbour" in operations and neighbours is None:
         raise DataError("augmentation operation 'neighbour' needs a model's word embeddings (a neighbour lookup)")
+    if "paraphrase" in operations and paraphrases is None:
+        raise DataError(_NEEDS_PARAPHRASES)
     counts = counts if counts is not None else {}
     for operation in operations:
         counts.setdefault(operation, OperationCounts())
@@ -451,11 +479,19 @@ def generate_candidates(
         if label in wanted:
             for operation in operations:
                 for copy in range(copies):
-                    new = apply_operation(
-                        operation, text, rng_for(seed, operation, copy, text), rate=rate, neighbours=neighbours
-                    )
                     tally = counts[operation]
                     tally.generated += 1
+                    if operation == "paraphrase":
+                        assert paraphrases is not None  # checked above
+                        found = paraphrases(text, copy)
+                        if isinstance(found, Rejected):
+                            tally.dropped[found.reason] += 1
+                            continue
+                        new = found
+                    else:
+                        new = apply_operation(
+                            operation, text, rng_for(seed, operation, copy, text), rate=rate, neighbours=neighbours
+                        )
                     exact = operation == "case"
                     key = _exact_key(new) if exact else normalise_for_matching(new)
                     if new == text or not key:

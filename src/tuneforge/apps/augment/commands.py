@@ -10,20 +10,25 @@ from rich.console import Console
 
 from tuneforge.data.augment import DEFAULT_RATE, MODEL_FREE_OPERATIONS, OPERATIONS
 
+# As tuneforge.augment.paraphrase.ENGINES (not imported here: building the parser must stay light);
+# tests/test_paraphrase.py checks the two agree.
+PARAPHRASE_ENGINES = ("auto", "llama_cpp", "transformers")
+
 CONFIG_SUFFIXES = (".yaml", ".yml")
 
 
 def add_augment_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "augment",
-        help="write a labelled file plus augmented copies (EDA, typos, embedding neighbours), label-filtered",
+        help="write a labelled file plus augmented copies (EDA, typos, embedding neighbours, paraphrases), "
+        "label-filtered",
     )
     p.add_argument("input", type=Path, help="a labelled .csv/.tsv/.jsonl/.parquet file, or a config (its data.train)")
     p.add_argument("--out", type=Path, required=True, help=".csv, .tsv or .jsonl; the report goes beside it")
     p.add_argument(
         "--ops",
         default=",".join(MODEL_FREE_OPERATIONS),
-        help=f"comma-separated operations from {', '.join(OPERATIONS)} (default: all but neighbour)",
+        help=f"comma-separated operations from {', '.join(OPERATIONS)} (default: all but neighbour and paraphrase)",
     )
     p.add_argument("--copies", type=int, default=1, help="augmented copies per text and operation (default 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -41,6 +46,12 @@ def add_augment_parser(sub: argparse._SubParsersAction) -> None:
         help="word embeddings for the neighbour operation: a run directory or a model name (default: --filter-run)",
     )
     p.add_argument("--neighbours", type=int, default=5, help="nearest neighbours a word is replaced from (default 5)")
+    p.add_argument(
+        "--paraphrase-engine",
+        choices=PARAPHRASE_ENGINES,
+        default="auto",
+        help="for the paraphrase operation: llama_cpp, transformers (slower), or auto (llama_cpp when installed)",
+    )
     p.add_argument("--text-column", help="default: text, or the config's data.text_column")
     p.add_argument("--label-column", help="default: label, or the config's data.label_column")
     p.add_argument("--encoding", help="default: utf-8, or the config's data.encoding")
@@ -68,6 +79,7 @@ def run_augment_command(args: argparse.Namespace, console: Console) -> int:
         min_probability=args.min_probability,
         neighbour_model=args.neighbour_model,
         neighbours=args.neighbours,
+        paraphrase_engine=args.paraphrase_engine,
     )
     result = augment_file(
         path,
