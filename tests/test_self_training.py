@@ -26,7 +26,7 @@ LABELS = ["x", "y", "z"]
 # --------------------------------------------------------------------------- selection (a pure function)
 
 
-def test_selection_keeps_confident_texts_balanced_to_the_scarcest_label() -> None:
+def test_selection_keeps_confident_texts_balanced_to_the_median_label() -> None:
     texts = [f"t{i}" for i in range(9)]
     probabilities = [
         [0.95, 0.03, 0.02],  # x
@@ -42,7 +42,7 @@ def test_selection_keeps_confident_texts_balanced_to_the_scarcest_label() -> Non
     chosen = select_pseudo_labels(texts, probabilities, LABELS, threshold=0.9, balance_ratio=3.0)
 
     assert chosen.confident == {"x": 5, "y": 1, "z": 1}
-    assert chosen.cap == 3  # 3.0 x the scarcest label's 1
+    assert chosen.cap == 3  # 3.0 x the median label's 1
     # The most confident x texts first, the tie t1/t3 broken by text order; t7 loses to the cap.
     assert list(zip(chosen.texts, chosen.labels, strict=True)) == [
         ("t2", "x"),
@@ -54,6 +54,15 @@ def test_selection_keeps_confident_texts_balanced_to_the_scarcest_label() -> Non
     assert chosen.per_label(LABELS) == {"x": 3, "y": 1, "z": 1}
     again = select_pseudo_labels(texts, probabilities, LABELS, threshold=0.9, balance_ratio=3.0)
     assert again == chosen
+
+
+def test_one_scarce_label_does_not_cap_the_others_to_a_handful() -> None:
+    # x: 6 confident texts, y: 1, z: 2. The median label has 2, so the cap is 1.5 x 2 = 3 (the scarcest
+    # label's count would have allowed 1 text per label).
+    probabilities = [[0.9, 0.05, 0.05]] * 6 + [[0.05, 0.9, 0.05]] + [[0.05, 0.05, 0.9]] * 2
+    chosen = select_pseudo_labels([f"t{i}" for i in range(9)], probabilities, LABELS, threshold=0.8, balance_ratio=1.5)
+    assert chosen.cap == 3
+    assert chosen.per_label(LABELS) == {"x": 3, "y": 1, "z": 2}
 
 
 def test_selection_honours_max_per_label_and_skips_labelled_texts() -> None:
@@ -132,7 +141,7 @@ class _Recorder:
 def test_self_training_publishes_the_best_round_with_its_record(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    raw = _st_config(tiny_model_dir, tmp_path, epochs=20, rounds=2, threshold=0.6)
+    raw = _st_config(tiny_model_dir, tmp_path, epochs=20, rounds=2, threshold=0.6, publish="best")
     recorder = _Recorder(monkeypatch)
     out = io.StringIO()
     result = self_train(validate_config(raw), show_progress=False, console=Console(file=out, width=200))
@@ -223,6 +232,7 @@ def test_resume_keeps_finished_rounds_and_continues_the_interrupted_one(
     assert [r["index"] for r in report["rounds"]] == [0, 1]
     assert report["rounds"][1]["pseudo_labelled"] > 0
     assert result.metrics["train"]["examples"] == report["rounds"][report["published_round"]]["train_examples"]
+    assert report["published_round"] == 1 and report["chosen_by"] == "the last round"  # publish: last, the default
     assert not work.exists()
 
 
@@ -239,6 +249,19 @@ def test_resume_with_nothing_to_resume_and_overwrite_of_a_foreign_folder(tiny_mo
 
 
 # --------------------------------------------------------------------------- bad input
+
+
+def test_a_threshold_the_smoothed_model_cannot_reach_is_refused_before_any_work(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Label smoothing 0.1 over 3 labels teaches the model to say at most 0.933.
+    raw = _st_config(tiny_model_dir, tmp_path, epochs=1, rounds=1, threshold=0.93)
+    with pytest.raises(ConfigError, match=r"train.semi_supervised.threshold: 0.93 is at or above .*0.933"):
+        self_train(validate_config(raw), show_progress=False, console=Console(file=io.StringIO()))
+    assert not (tmp_path / "run.rounds").exists()
+    raw["train"]["label_smoothing"] = 0.0
+    with pytest.raises(RunDirError, match="no interrupted"):  # accepted: it gets as far as the resume check
+        self_train(validate_config(raw), resume=True, show_progress=False, console=Console(file=io.StringIO()))
 
 
 def test_semi_supervised_and_unlabelled_data_go_together(tiny_model_dir: Path, tmp_path: Path) -> None:

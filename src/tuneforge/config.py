@@ -129,15 +129,26 @@ class SelfTrainingConfig(_Section):
 
     method: Literal["self_training"] = "self_training"
     rounds: int = Field(2, ge=1, le=20, description="Rounds of pseudo-labelling after the first training.")
-    threshold: float = Field(0.9, gt=0.0, lt=1.0, description="Least probability a pseudo-label needs.")
+    threshold: float = Field(
+        0.7,
+        gt=0.0,
+        lt=1.0,
+        description="Least probability a pseudo-label needs. Label smoothing caps what a model learns to say "
+        "(1 - e + e/labels: 0.90 for 77 labels at the default 0.1), so a threshold near it finds next to nothing.",
+    )
     max_per_label: int | None = Field(
         None,
         ge=1,
-        description="Most pseudo-labelled texts per label in a round (the most confident first); None: as "
-        "many as the label with the fewest confident texts has, times balance_ratio.",
+        description="Most pseudo-labelled texts per label in a round (the most confident first); None: "
+        "balance_ratio times the median label's confident count.",
     )
     balance_ratio: float = Field(
-        3.0, ge=1.0, description="With max_per_label None: cap per label, as a multiple of the scarcest label's."
+        3.0, ge=1.0, description="With max_per_label None: cap per label, as a multiple of the median label's."
+    )
+    publish: Literal["last", "best"] = Field(
+        "last",
+        description="Which round becomes the run: the last, or the best on validation (worth it only with a "
+        "validation split large enough to tell rounds apart).",
     )
     teacher: Path | None = Field(
         None,

@@ -61,6 +61,7 @@ def augment_options(cfg: AugmentConfig, run: RunConfig, *, with_filter: bool = T
         filter_run=cfg.filter_run if with_filter else None,
         min_probability=cfg.min_probability,
         neighbour_model=cfg.neighbour_model or run.model.name,
+        paraphrase_engine=cfg.paraphrase_engine,
     )
 
 
