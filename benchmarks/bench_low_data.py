@@ -1,0 +1,215 @@
+"""Low-data benchmark: a few labelled texts per label, the rest of the training set as unlabelled texts.
+
+For each seed, ``--per-label`` training texts of every label are drawn (seeded) as the labelled set; the
+other training texts, without their labels, are the unlabelled file. Each condition trains with
+``tuneforge train`` on the same files and is scored on the dataset's test set:
+
+- ``plain``: the labelled texts alone;
+- ``augment``: plus ``data.augment`` (the five model-free operations, one copy each);
+- ``self_training``: ``train.semi_supervised`` on the unlabelled file (rounds, threshold as set here);
+- ``both``: augmentation and self-training.
+
+Every condition gets the same budget of training examples seen per run (``train.min_train_samples``,
+``--budget``): more texts mean fewer epochs, not more compute; self-training pays for each of its rounds.
+Runs are resumable (a finished run is kept; an interrupted one resumes). Results are appended to
+``benchmarks/results/low_data.jsonl``; ``--phase report`` prints the table.
+
+    python benchmarks/bench_low_data.py --dataset banking77 --per-label 10 --seeds 0,1,2
+    python benchmarks/bench_low_data.py --dataset banking77 --per-label 10 --seeds 0,1,2 --phase report
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from bench_data import DATA_DIR, RESULTS_DIR, append_result, dataset
+
+RESULTS = RESULTS_DIR / "low_data.jsonl"
+WORK = RESULTS_DIR / "low_data"
+CONDITIONS = ("plain", "augment", "self_training", "both")
+MODEL_FREE = ["swap", "delete", "insert", "typo", "case"]
+
+
+def _source(name: str) -> tuple[Path, Path, str, str, str]:
+    """(train file, test file, text column, label column, model name)."""
+    if name == "waimai":
+        # No official split: the multilingual benchmark's seeded 80/20 split, so the figures compare.
+        from bench_multilingual import waimai_split
+
+        train, test = waimai_split()
+        return train, test, "text", "label", "multilingual-e5-small"
+    data = dataset(name)
+    return data.train, data.evaluation, data.text_column, data.label_column, "minilm-l6"
+
+
+def _read(path: Path, text_column: str, label_column: str) -> list[tuple[str, str]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        return [(row[text_column], row[label_column]) for row in csv.DictReader(handle)]
+
+
+def write_setting(name: str, per_label: int, seed: int) -> Path:
+    """The seed's labelled file (``per_label`` texts of each label) and unlabelled file (the rest, texts only)."""
+    train, _, text_column, label_column, _ = _source(name)
+    folder = WORK / f"{name}-{per_label}-seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = _read(train, text_column, label_column)
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for index, (_, label) in enumerate(rows):
+        by_label[label].append(index)
+    rng = random.Random(seed)
+    chosen = sorted(i for label in sorted(by_label) for i in rng.sample(by_label[label], per_label))
+    chosen_set = set(chosen)
+    with (folder / "labelled.csv").open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows[i] for i in chosen)
+    # One text a line: texts holding a line break go in the CSV form instead.
+    with (folder / "unlabelled.csv").open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text"])
+        writer.writerows([rows[i][0]] for i in range(len(rows)) if i not in chosen_set)
+    # The test set with the columns the labelled file has (the source's may be named otherwise).
+    _, test, _, _, _ = _source(name)
+    with (folder / "test.csv").open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows(_read(test, text_column, label_column))
+    return folder
+
+
+def condition_config(name: str, folder: Path, condition: str, args: argparse.Namespace) -> dict[str, Any]:
+    model = _source(name)[4]
+    raw: dict[str, Any] = {
+        "model": {"name": model},
+        "data": {"train": str(folder / "labelled.csv"), "test": str(folder / "test.csv")},
+        "train": {"min_train_samples": args.budget, "seed": 42},
+        "output": {"dir": str(folder / condition)},
+    }
+    if condition in ("augment", "both"):
+        raw["data"]["augment"] = {"operations": MODEL_FREE, "copies": 1}
+    if condition in ("self_training", "both"):
+        raw["data"]["unlabeled"] = str(folder / "unlabelled.csv")
+        raw["train"]["semi_supervised"] = {"rounds": args.rounds, "threshold": args.threshold}
+    return raw
+
+
+def train_condition(name: str, folder: Path, condition: str, args: argparse.Namespace) -> None:
+    run = folder / condition
+    if (run / "metrics.json").is_file():
+        print(f"{run}: trained already, kept", flush=True)
+        return
+    config = folder / f"{condition}.json"  # JSON is YAML
+    config.write_text(json.dumps(condition_config(name, folder, condition, args), indent=1), encoding="utf-8")
+    interrupted = any(run.with_name(run.name + suffix).is_dir() for suffix in (".partial", ".rounds"))
+    print(f"training {run}" + (" (resuming)" if interrupted else ""), flush=True)
+    started = time.perf_counter()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tuneforge",
+            "train",
+            str(config),
+            "--resume" if interrupted else "--overwrite",
+            "--no-progress",
+        ],
+        check=True,
+    )
+    record = {
+        "dataset": name,
+        "per_label": args.per_label,
+        "seed": folder.name.rsplit("seed", 1)[1],
+        "condition": condition,
+        "budget": args.budget,
+        "rounds": args.rounds if "self" in condition or condition == "both" else None,
+        "threshold": args.threshold if "self" in condition or condition == "both" else None,
+        "minutes": round((time.perf_counter() - started) / 60, 2),
+        "test": _test_scores(run),
+        "self_training": _rounds(run),
+    }
+    append_result(RESULTS, record)
+
+
+def _test_scores(run: Path) -> dict[str, float]:
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    return {key: metrics["test"][key] for key in ("accuracy", "macro_f1")}
+
+
+def _rounds(run: Path) -> Any:
+    path = run / "self_training.json"
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text(encoding="utf-8"))
+    return {
+        "published_round": info.get("published_round"),
+        "rounds": [
+            {key: item.get(key) for key in ("index", "pseudo_labelled", "validation", "test")}
+            for item in info.get("rounds", [])
+        ],
+    }
+
+
+def report(name: str, args: argparse.Namespace, seeds: list[int]) -> None:
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for line in RESULTS.read_text(encoding="utf-8").splitlines() if RESULTS.is_file() else []:
+        record = json.loads(line)
+        if record["dataset"] == name and record["per_label"] == args.per_label and record["budget"] == args.budget:
+            latest[(record["condition"], str(record["seed"]))] = record
+    plain = {seed: latest[("plain", str(seed))]["test"]["accuracy"] for seed in seeds if ("plain", str(seed)) in latest}
+    print(f"{name}, {args.per_label} labelled per label, budget {args.budget}; full-data reference {args.full}")
+    for condition in CONDITIONS:
+        scores = {seed: latest[(condition, str(seed))] for seed in seeds if (condition, str(seed)) in latest}
+        if not scores:
+            continue
+        accuracy = [r["test"]["accuracy"] for r in scores.values()]
+        f1 = [r["test"]["macro_f1"] for r in scores.values()]
+        gains = [scores[s]["test"]["accuracy"] - plain[s] for s in scores if s in plain]
+        closed = [
+            g / (args.full - plain[s]) * 100 for g, s in zip(gains, [s for s in scores if s in plain], strict=True)
+        ]
+        spread = f" ± {statistics.stdev(accuracy):.2f}" if len(accuracy) > 1 else ""
+        print(
+            f"  {condition:14s} seeds {sorted(scores)}: accuracy {statistics.mean(accuracy):.2f}{spread} "
+            f"({', '.join(f'{a:.2f}' for a in accuracy)}), macro-F1 {statistics.mean(f1):.2f}"
+            + (f", gain {statistics.mean(gains):+.2f}, gap closed {statistics.mean(closed):.0f}%" if gains else "")
+            + f", minutes {', '.join(str(r['minutes']) for r in scores.values())}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=["banking77", "waimai"], default="banking77")
+    parser.add_argument("--per-label", type=int, default=10)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--conditions", default=",".join(CONDITIONS))
+    parser.add_argument("--budget", type=int, default=20_000, help="train.min_train_samples for every run")
+    parser.add_argument("--rounds", type=int, default=1, help="self-training rounds")
+    parser.add_argument("--threshold", type=float, default=0.7, help="self-training confidence threshold")
+    parser.add_argument("--full", type=float, default=93.1, help="full-data test accuracy, for the gap closed")
+    parser.add_argument("--phase", choices=["train", "report"], default="train")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.phase == "report":
+        report(args.dataset, args, seeds)
+        return
+    if not DATA_DIR.is_dir():
+        raise SystemExit(f"{DATA_DIR}: not found; set TUNEFORGE_DATA_DIR")
+    for seed in seeds:
+        folder = write_setting(args.dataset, args.per_label, seed)
+        for condition in args.conditions.split(","):
+            train_condition(args.dataset, folder, condition, args)
+    report(args.dataset, args, seeds)
+
+
+if __name__ == "__main__":
+    main()
