@@ -13,11 +13,12 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-# Loaded on first use: the CLI imports this package's ``commands`` to build its parser, and must not
-# pay for torch and transformers to print --help.
+# Loaded on first use: importing the package must not pay for torch, transformers or llama.cpp.
 _EXPORTS = {
     "EmbeddingNeighbours": "neighbours",
     "load_neighbours": "neighbours",
+    "Paraphraser": "paraphrase",
+    "load_paraphraser": "paraphrase",
     "AugmentOptions": "pipeline",
     "AugmentResult": "pipeline",
     "LabelFilter": "pipeline",
