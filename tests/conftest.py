@@ -24,6 +24,19 @@ WORDS = {
 FILLER = ["the", "film", "was", "really", "quite", "and", "a", "story", "plot", "acting", "very", "so"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The suite's caches (teacher logits, converted models, paraphrases) in a folder of its own, never the
+    user's ~/.cache/tuneforge; subprocesses inherit it. A test that needs a fresh one sets its own."""
+    before = os.environ.get("TUNEFORGE_CACHE")
+    os.environ["TUNEFORGE_CACHE"] = str(tmp_path_factory.mktemp("tuneforge-cache"))
+    yield
+    if before is None:
+        os.environ.pop("TUNEFORGE_CACHE", None)
+    else:
+        os.environ["TUNEFORGE_CACHE"] = before
+
+
 def make_rows(n: int, seed: int, labels: tuple[str, ...] = ("happy", "sad", "meh")) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     rows = []

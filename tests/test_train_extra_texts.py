@@ -17,7 +17,7 @@ from tests.fault_injection import run_cli, run_cli_killed_at
 from tuneforge.config import validate_config
 from tuneforge.errors import ConfigError, DataError, TuneforgeError
 from tuneforge.rundir import RunDir
-from tuneforge.train.distill import NO_LABEL, distillation_loss
+from tuneforge.train.distill import NO_LABEL, TeacherLogitsCache, distillation_loss, teacher_targets
 from tuneforge.train.extra_texts import AUGMENTED_FILE, TRANSFER_FILE
 from tuneforge.train.loop import train
 
@@ -254,3 +254,69 @@ def test_bad_transfer_and_augmentation_input_names_the_key(
     with pytest.raises(TuneforgeError, match=r"data\.augment: filter run .*does not know the data's label"):
         train(validate_config(raw), show_progress=False)
     assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists(), "bad input leaves nothing behind"
+
+
+def test_the_teachers_logits_are_cached_per_text_across_runs(
+    teacher_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tuneforge.train.distill as distill_module
+    from tuneforge.config import DistillConfig
+
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path / "cache"))
+    cfg = DistillConfig(teacher=teacher_run)
+    labels = RunDir(teacher_run).labels()
+    first_texts = [text for text, _ in make_rows(20, seed=11)]
+    first = teacher_targets(cfg, first_texts, labels)
+
+    scored: list[int] = []
+    real_predict = distill_module.predict_logits
+    monkeypatch.setattr(
+        distill_module,
+        "predict_logits",
+        lambda model, encoded, **kw: scored.append(len(encoded)) or real_predict(model, encoded, **kw),
+    )
+    new_texts = [text for text, _ in make_rows(5, seed=12) if text not in first_texts]
+    again = teacher_targets(cfg, [*reversed(first_texts), *new_texts], labels)
+    assert scored == [len(new_texts)], "only the texts the teacher has not seen are scored"
+    assert torch.allclose(again[: len(first_texts)], first.flip(0))
+    assert torch.allclose(again[len(first_texts) :], teacher_targets(cfg, new_texts, labels))
+
+    # Only the needed rows are filled (alpha 0 reads no teacher logits for labelled rows).
+    partial = teacher_targets(cfg, first_texts, labels, needed=[3, 4])
+    assert torch.equal(partial[[3, 4]], first[[3, 4]]) and not partial[:3].any() and not partial[5:].any()
+
+    # A retrained teacher (other weights) never gets its predecessor's logits; a damaged cache is ignored.
+    cache = TeacherLogitsCache.for_teacher(RunDir(teacher_run), 32)
+    assert len(cache) == len(first_texts) + len(new_texts) and cache.path.is_file()
+    weights = teacher_run / "model" / "model.safetensors"
+    tensors = load_file(weights)
+    first_key = next(iter(tensors))
+    tensors[first_key] = tensors[first_key] + 1.0
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert TeacherLogitsCache.for_teacher(RunDir(teacher_run), 32).path != cache.path
+    cache.path.write_bytes(b"not safetensors")
+    assert len(TeacherLogitsCache(cache.path, len(labels))) == 0
+
+
+def test_alpha_zero_transfer_distillation_scores_only_the_transfer_texts(
+    tiny_model_dir: Path, tiny_data: dict, teacher_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tuneforge.train.distill as distill_module
+
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path / "cache"))
+    scored: list[int] = []
+    real_predict = distill_module.predict_logits
+    monkeypatch.setattr(
+        distill_module,
+        "predict_logits",
+        lambda model, encoded, **kw: scored.append(len(encoded)) or real_predict(model, encoded, **kw),
+    )
+    (tmp_path / "u.txt").write_text("\n".join(t for t, _ in make_rows(40, seed=13)), encoding="utf-8")
+    raw = _transfer_config(tiny_model_dir, tiny_data, tmp_path / "s", teacher_run, {"file": str(tmp_path / "u.txt")})
+    raw["distill"]["alpha"] = 0.0
+    result = train(validate_config(raw), show_progress=False)
+    counts = result.metrics["train"]
+    assert sum(scored) == counts["transfer_examples"] > 0
+    assert counts["examples"] == counts["labelled_examples"] + counts["transfer_examples"]

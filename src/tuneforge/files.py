@@ -123,3 +123,10 @@ def atomic_replace_dir(path: Path | str, writer: Callable[[Path], None]) -> None
             os.replace(old, path)
         raise
     _fsync_dir(path.parent)
+
+
+def cache_dir(name: str) -> Path:
+    """A folder for what tuneforge can make again but would rather not: ``$TUNEFORGE_CACHE/<name>``, else
+    ``~/.cache/tuneforge/<name>`` (converted models, paraphrases, a teacher's logits)."""
+    base = os.environ.get("TUNEFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tuneforge")
+    return Path(base) / name

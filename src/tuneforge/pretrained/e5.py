@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 import unicodedata
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from tuneforge.errors import ModelError
-from tuneforge.files import atomic_replace_dir
+from tuneforge.files import atomic_replace_dir, cache_dir
 
 MAGIC = b"E5S1"
 VERSION = 1
@@ -341,8 +340,7 @@ def convert_e5(source: Path | str, out_dir: Path | str) -> Path:
 
 def cache_root() -> Path:
     """Where converted models are kept: $TUNEFORGE_CACHE, else ~/.cache/tuneforge."""
-    base = os.environ.get("TUNEFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tuneforge")
-    return Path(base) / "models"
+    return cache_dir("models")
 
 
 def converted_e5(source: Path, name: str) -> Path:

@@ -10,21 +10,24 @@ reuses them.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
 from tuneforge.config import DistillConfig
 from tuneforge.data.batching import encode_texts
 from tuneforge.errors import ConfigError, TuneforgeError
-from tuneforge.files import atomic_write_with
+from tuneforge.files import atomic_write_with, cache_dir
 from tuneforge.models.loading import predict_logits
 from tuneforge.models.runs import load_run_classifier
-from tuneforge.rundir import open_run_dir
+from tuneforge.rundir import ADAPTER_DIR, MODEL_DIR, RunDir, open_run_dir
 
 #: The label of a transfer-data example: the teacher's logits are its only target.
 NO_LABEL = -100
@@ -87,19 +90,25 @@ def teacher_targets(
     texts: list[str],
     labels: list[str],
     *,
+    needed: list[int] | None = None,
     batch_size: int = 128,
     on_batch: Callable[[int], None] | None = None,
+    on_cached: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """The teacher run's logits ``[len(texts), len(labels)]`` on the training texts, in input order.
+    """The teacher run's logits ``[len(texts), len(labels)]`` on ``texts``, in input order.
 
-    ``on_batch`` is called with the number of texts in each finished batch (for a progress bar).
+    Only the rows in ``needed`` (default: all) are filled; the others are zeros, for examples whose
+    loss does not read the teacher (labelled rows when ``alpha`` is 0). Rows the teacher has scored
+    before, in any run, come from its :class:`TeacherLogitsCache`; the rest are scored in chunks, each
+    added to the cache as it finishes, so an interrupted pass loses at most one chunk.
+    ``on_batch`` is called with the number of texts in each finished batch, ``on_cached`` once with the
+    number found in the cache (for a progress bar).
     """
     if cfg.teacher is None:
         raise ConfigError("distill.teacher: no teacher run directory given")
     try:
         run = open_run_dir(cfg.teacher)
         teacher_labels = run.labels()
-        model, tokenizer = load_run_classifier(run)
     except TuneforgeError as exc:
         raise ConfigError(f"distill.teacher: {exc}") from None
     if teacher_labels != labels:
@@ -109,11 +118,97 @@ def teacher_targets(
         )
     teacher_config = run.config_or_none()
     max_length = teacher_config.model.max_length if teacher_config else 128
-    encoded = encode_texts(tokenizer, texts, max_length)
-    logits = predict_logits(
-        model, encoded, pad_id=tokenizer.pad_token_id or 0, batch_size=batch_size, on_batch=on_batch
-    )
+    cache = TeacherLogitsCache.for_teacher(run, max_length)
+    logits = np.zeros((len(texts), len(labels)), dtype=np.float32)
+    missing = []
+    for i in range(len(texts)) if needed is None else needed:
+        row = cache.get(texts[i])
+        if row is None:
+            missing.append(i)
+        else:
+            logits[i] = row
+    if on_cached is not None:
+        on_cached(len(texts) - len(missing) if needed is None else len(needed) - len(missing))
+    if missing:
+        try:
+            model, tokenizer = load_run_classifier(run)
+        except TuneforgeError as exc:
+            raise ConfigError(f"distill.teacher: {exc}") from None
+        for start in range(0, len(missing), CACHE_CHUNK):
+            chunk = missing[start : start + CACHE_CHUNK]
+            chunk_texts = [texts[i] for i in chunk]
+            encoded = encode_texts(tokenizer, chunk_texts, max_length)
+            scored = predict_logits(
+                model, encoded, pad_id=tokenizer.pad_token_id or 0, batch_size=batch_size, on_batch=on_batch
+            )
+            logits[chunk] = scored
+            cache.add(chunk_texts, scored)
     return torch.from_numpy(logits)
+
+
+#: Texts the teacher scores between two saves of its cache (~1-2 minutes for a 12-layer teacher on 2 cores).
+CACHE_CHUNK = 4096
+
+
+class TeacherLogitsCache:
+    """A teacher's logits per text, kept across runs: students with other seeds, sizes or transfer data
+    pay only for the texts the teacher has not seen (a 12-layer teacher scores ~50 texts/s on 2 cores).
+
+    One safetensors file per teacher under ``$TUNEFORGE_CACHE/teacher-logits/`` (default
+    ``~/.cache/tuneforge``), named by a hash of the teacher's weights, labels and max length, so a
+    retrained teacher never serves its predecessor's logits. Rows are found by a 16-byte hash of the
+    text. The file is rewritten atomically on every :meth:`add`; an unreadable file is ignored (it can
+    only be made again) and an unwritable cache folder only costs the reuse.
+    """
+
+    def __init__(self, path: Path, num_labels: int) -> None:
+        self.path = path
+        self._num_labels = num_labels
+        self._rows: dict[bytes, np.ndarray] = {}
+        if path.is_file():
+            try:
+                with safe_open(str(path), framework="np") as handle:
+                    digests, logits = handle.get_tensor("digests"), handle.get_tensor("logits")
+                if digests.shape[0] == logits.shape[0] and logits.shape[1:] == (num_labels,):
+                    self._rows = {bytes(d): row for d, row in zip(digests, logits.astype(np.float32), strict=True)}
+            except (SafetensorError, OSError, KeyError, ValueError, IndexError):
+                self._rows = {}
+
+    @classmethod
+    def for_teacher(cls, run: RunDir, max_length: int) -> TeacherLogitsCache:
+        digest = hashlib.sha256(json.dumps({"labels": run.labels(), "max_length": max_length}).encode("utf-8"))
+        for weights in sorted(
+            [*run.path.glob(f"{MODEL_DIR}/*.safetensors"), *run.path.glob(f"{ADAPTER_DIR}/*.safetensors")]
+        ):
+            digest.update(weights.name.encode("utf-8"))
+            with weights.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+        return cls(cache_dir("teacher-logits") / f"{digest.hexdigest()[:32]}.safetensors", len(run.labels()))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @staticmethod
+    def _key(text: str) -> bytes:
+        return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+    def get(self, text: str) -> np.ndarray | None:
+        return self._rows.get(self._key(text))
+
+    def add(self, texts: list[str], logits: np.ndarray) -> None:
+        for text, row in zip(texts, logits, strict=True):
+            self._rows[self._key(text)] = np.asarray(row, dtype=np.float32)
+        digests = np.frombuffer(b"".join(self._rows), dtype=np.uint8).reshape(len(self._rows), 16)
+        stacked = np.stack(list(self._rows.values())) if self._rows else np.zeros((0, self._num_labels), np.float32)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_with(
+                self.path,
+                lambda tmp: save_numpy({"digests": np.ascontiguousarray(digests), "logits": stacked}, str(tmp)),
+            )
+        except OSError:
+            pass  # the cache is a saving, not a result: the logits in hand are still right
 
 
 def _fingerprint(cfg: DistillConfig, texts: list[str]) -> str:

@@ -164,7 +164,9 @@ def _set_up(config: RunConfig, *, resume: bool, overwrite: bool, console: Consol
     for line in extra.lines:
         console.print(line)
     teacher_texts = [*extra.texts, *extra.transfer]
-    soft_targets = _teacher_logits(cfg, run, teacher_texts, data.labels, resume, console, show_progress)
+    soft_targets = _teacher_logits(
+        cfg, run, teacher_texts, data.labels, resume, console, show_progress, n_labelled=len(extra.texts)
+    )
 
     if not resume:
         _start_run_dir(run, cfg, data)
@@ -316,14 +318,20 @@ def _teacher_logits(
     resume: bool,
     console: Console,
     show_progress: bool,
+    *,
+    n_labelled: int,
 ) -> torch.Tensor | None:
-    """Distillation's soft targets: one pass of the teacher per run; a resumed run reuses the kept logits."""
+    """Distillation's soft targets: one pass of the teacher per run; a resumed run reuses the kept logits.
+
+    With ``alpha`` 0 the labelled rows learn from their labels alone, so the teacher scores only the
+    transfer texts (the first ``n_labelled`` rows stay zeros, never read)."""
     if cfg.distill.teacher is None:
         return None
     if resume and (kept := load_teacher_logits(run.teacher_logits_file, cfg.distill, texts)) is not None:
         console.print(f"distillation: reusing the teacher's logits kept in {run.teacher_logits_file}")
         return kept
-    return teacher_pass(cfg, texts, labels, console, show_progress)
+    needed = list(range(n_labelled, len(texts))) if cfg.distill.alpha == 0 else None
+    return teacher_pass(cfg, texts, labels, console, show_progress, needed=needed)
 
 
 def _start_run_dir(run: RunDir, cfg: RunConfig, data: PreparedData) -> None:

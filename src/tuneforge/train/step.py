@@ -87,12 +87,27 @@ def progress_bar(console: Console, enabled: bool, *, remaining: bool = True, inf
 
 
 def teacher_pass(
-    cfg: RunConfig, texts: list[str], labels: list[str], console: Console, show_progress: bool
+    cfg: RunConfig,
+    texts: list[str],
+    labels: list[str],
+    console: Console,
+    show_progress: bool,
+    *,
+    needed: list[int] | None = None,
 ) -> torch.Tensor:
-    """The distillation teacher's logits on ``texts``, with a progress bar: it can take as long as training."""
+    """The distillation teacher's logits on ``texts`` (only the ``needed`` rows, if given), with a
+    progress bar: it can take as long as the training."""
     with progress_bar(console, show_progress) as progress:
-        task = progress.add_task("teacher", total=len(texts), info=str(cfg.distill.teacher))
-        return teacher_targets(cfg.distill, texts, labels, on_batch=lambda done: progress.advance(task, done))
+        total = len(texts) if needed is None else len(needed)
+        task = progress.add_task("teacher", total=total, info=str(cfg.distill.teacher))
+        return teacher_targets(
+            cfg.distill,
+            texts,
+            labels,
+            needed=needed,
+            on_batch=lambda done: progress.advance(task, done),
+            on_cached=lambda found: progress.advance(task, found),
+        )
 
 
 def train_step(
