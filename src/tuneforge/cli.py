@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from tuneforge.apps.augment.commands import add_augment_parser, run_augment_command
+from tuneforge.apps.explain.commands import add_explain_parser, run_explain_command
 from tuneforge.apps.intent.commands import add_intent_parser, run_intent_command
 from tuneforge.errors import TuneforgeError
 
@@ -150,6 +151,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_intent_parser(sub)
     add_augment_parser(sub)
+    add_explain_parser(sub)
 
     p = sub.add_parser("demo", help="fine-tune the default model on the bundled demo data")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -437,6 +439,7 @@ COMMANDS = {
     "demo": _cmd_demo,
     "intent": run_intent_command,
     "augment": run_augment_command,
+    "explain": run_explain_command,
 }
 
 

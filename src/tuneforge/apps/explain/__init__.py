@@ -1,0 +1,1 @@
+"""``tuneforge explain``: word-level attributions from the command line."""
