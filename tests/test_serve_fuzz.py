@@ -20,13 +20,15 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.python.asgi import shutdown_lifespans
 
-from tests.test_serve import settings_for
+from tests.test_serve import LABELS, settings_for
 from tuneforge.serve.app import create_app
 
-# Examples per operation and mode: the body of /v1/classify is where the rules are, so it gets more
-# (and it alone has anything to get wrong: the others take no parameters, so no negative examples).
+# Examples per operation and mode: the bodies of /v1/classify and /v1/explain are where the rules are, so
+# they get more (and they alone have anything to get wrong: the others take no parameters, so no negative
+# examples).
 OPERATIONS = {
     ("POST", "/v1/classify"): 50,
+    ("POST", "/v1/explain"): 30,
     ("GET", "/v1/model"): 5,
     ("GET", "/health"): 5,
     ("GET", "/ready"): 5,
@@ -51,9 +53,19 @@ def api_schema(trained_tiny_run: Path) -> Iterator[Any]:
     shutdown_lifespans()
 
 
+def _a_trained_label(case: Any) -> Any:
+    # An explanation's label must be one of the model's (a 422 otherwise, which the schema says in words):
+    # a made-up one becomes a real one, so that the rest of the request is still fuzzed.
+    if isinstance(case.body, dict) and isinstance(case.body.get("label"), str):
+        case.body["label"] = LABELS[len(case.body["label"]) % len(LABELS)]
+    return case
+
+
 def fuzz(operation: Any, mode: GenerationMode, examples: int) -> None:
     """``examples`` generated requests to ``operation``, each answer checked against the schema."""
     strategy = operation.as_strategy(mode)
+    if mode == GenerationMode.POSITIVE and operation.path == "/v1/explain":
+        strategy = strategy.map(_a_trained_label)
 
     # derandomize: the same examples on every run, so that the suite is reproducible.
     @settings(max_examples=examples, deadline=None, derandomize=True, database=None)
@@ -70,4 +82,5 @@ def test_the_api_keeps_to_its_published_schema(api_schema: Any) -> None:
     assert published == set(OPERATIONS), "every operation is fuzzed"
     for (method, path), examples in OPERATIONS.items():
         fuzz(api_schema[path][method], GenerationMode.POSITIVE, examples)
-    fuzz(api_schema["/v1/classify"]["POST"], GenerationMode.NEGATIVE, OPERATIONS[("POST", "/v1/classify")])
+    for path in ("/v1/classify", "/v1/explain"):
+        fuzz(api_schema[path]["POST"], GenerationMode.NEGATIVE, OPERATIONS[("POST", path)])

@@ -1,4 +1,4 @@
-"""The HTTP app: classification with dynamic batching, health, readiness, metrics, playground, docs.
+"""The HTTP app: classification with dynamic batching, explanations, health, readiness, metrics, playground, docs.
 
 The model loads in a background thread after startup, so the process answers /health at once and
 /ready says 503 until the model is warm (and again while the model is stuck in one call). Every
@@ -33,6 +33,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tuneforge
 from tuneforge.errors import TuneforgeError
+from tuneforge.explain.core import MAX_WORDS, explain_occlusion, label_index, words_to_explain
+from tuneforge.explain.occlusion import occlusion_texts
 from tuneforge.serve.batcher import (
     BatcherClosedError,
     DynamicBatcher,
@@ -40,10 +42,18 @@ from tuneforge.serve.batcher import (
     QueueFullError,
     QueueTimeoutError,
 )
+from tuneforge.serve.explainer import ExplainBusyError, ExplainLane
 from tuneforge.serve.metrics import ServeMetrics
 from tuneforge.serve.middleware import INTERNAL_ERROR, RequestContextMiddleware, error_response, request_id_of
 from tuneforge.serve.model import OpenSetAnswers, ServableModel, answer_batch, describe_model, load_predictor
-from tuneforge.serve.schemas import ClassifyResponse, ErrorResponse, ModelInfo, classify_request_model
+from tuneforge.serve.schemas import (
+    ClassifyResponse,
+    ErrorResponse,
+    ExplainResponse,
+    ModelInfo,
+    classify_request_model,
+    explain_request_model,
+)
 from tuneforge.serve.settings import ServeSettings
 
 logger = logging.getLogger("tuneforge.serve")
@@ -66,7 +76,7 @@ class Health(BaseModel):
 class ApiError(Exception):
     """An error answer: status, a message for the client, optional headers."""
 
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, detail: str | list[dict[str, Any]], headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
@@ -86,6 +96,7 @@ class ServeState:
         self.info: dict[str, Any] | None = None
         self.load_error: str | None = None
         self.batcher: DynamicBatcher | None = None
+        self.explainer: ExplainLane | None = None
         self.shutting_down = False
 
     @property
@@ -169,6 +180,22 @@ def _not_ready(state: ServeState) -> ApiError:
         busy = state.batcher.busy_for if state.batcher else 0.0
         return ApiError(503, f"the model has not answered for {busy:.0f} s; retry later", retry)
     return ApiError(503, "the model is still loading; retry shortly", retry)
+
+
+def _model_call_refused(state: ServeState, exc: Exception) -> ApiError:
+    """The answer to a request whose texts the batcher refused or did not answer in time."""
+    retry = {"Retry-After": str(state.settings.retry_after_s)}
+    if isinstance(exc, QueueFullError):
+        state.metrics.rejected.labels("queue_full").inc()
+        return ApiError(503, "the server is busy (queue full); retry shortly", retry)
+    if isinstance(exc, BatcherClosedError):
+        state.metrics.rejected.labels("shutting_down").inc()
+        return _not_ready(state)
+    if isinstance(exc, QueueTimeoutError):
+        state.metrics.rejected.labels("deadline_in_queue").inc()
+        return ApiError(503, f"the server is overloaded: the request {exc}; retry shortly", retry)
+    state.metrics.rejected.labels("deadline_in_model").inc()
+    return ApiError(504, str(exc))
 
 
 def _field(loc: Sequence[Any]) -> str | None:
@@ -259,6 +286,7 @@ def create_app(settings: ServeSettings, *, model_factory: ModelFactory | None = 
             metrics=state.metrics,
         )
         state.batcher.start()
+        state.explainer = ExplainLane()
         # A daemon thread: a server stopped while loading must not wait for the load to finish.
         loader = threading.Thread(
             target=state.load, args=(asyncio.get_running_loop(),), name="tuneforge-load", daemon=True
@@ -338,23 +366,12 @@ def create_app(settings: ServeSettings, *, model_factory: ModelFactory | None = 
         truncated = [len(text) > settings.max_chars for text in texts]
         if any(truncated):
             texts = [text[: settings.max_chars] for text in texts]
-        retry = {"Retry-After": str(settings.retry_after_s)}
         try:
             answers = await _unless_client_leaves(
                 request, state.batcher.submit(texts, timeout_s=settings.request_timeout_s)
             )
-        except QueueFullError:
-            state.metrics.rejected.labels("queue_full").inc()
-            raise ApiError(503, "the server is busy (queue full); retry shortly", retry) from None
-        except BatcherClosedError:
-            state.metrics.rejected.labels("shutting_down").inc()
-            raise _not_ready(state) from None
-        except QueueTimeoutError as exc:
-            state.metrics.rejected.labels("deadline_in_queue").inc()
-            raise ApiError(503, f"the server is overloaded: the request {exc}; retry shortly", retry) from None
-        except InferenceTimeoutError as exc:
-            state.metrics.rejected.labels("deadline_in_model").inc()
-            raise ApiError(504, str(exc)) from None
+        except (QueueFullError, BatcherClosedError, QueueTimeoutError, InferenceTimeoutError) as exc:
+            raise _model_call_refused(state, exc) from None
         if answers is None:
             state.metrics.rejected.labels("client_gone").inc()
             return Response(status_code=CLIENT_GONE)
@@ -384,6 +401,78 @@ def create_app(settings: ServeSettings, *, model_factory: ModelFactory | None = 
         }
         # Returned as a response (not a dict): the body is already in its final shape, and
         # re-validating it against the response model would cost time on every request.
+        return JSONResponse(content)
+
+    explain_model = explain_request_model(max_chars=settings.max_chars)
+
+    @app.post(
+        "/v1/explain",
+        response_model=ExplainResponse,
+        responses=documented(400, 413, 422, 503, 504),
+        dependencies=secured,
+        summary="Which words of a text made the model answer as it did (occlusion)",
+        description=(
+            "Each word's score is p(label | text) - p(label | text without the word). The text is limited as "
+            f"one text of /v1/classify, without truncation, and to {MAX_WORDS} words (422 beyond). Explanations "
+            "share the model with classification in small chunks, a few at a time; more at once are answered "
+            "503 with Retry-After."
+        ),
+    )
+    async def explain(body: explain_model, request: Request) -> Response:  # type: ignore[valid-type]
+        rid = request_id_of(request)
+        if not state.ready or state.batcher is None or state.model is None or state.explainer is None:
+            state.metrics.rejected.labels("not_ready").inc()
+            raise _not_ready(state)
+        model = state.model
+        try:
+            words = words_to_explain(body.text)
+        except TuneforgeError as exc:
+            state.metrics.rejected.labels("too_many_words").inc()
+            raise ApiError(
+                422,
+                [
+                    {
+                        "loc": ["body", "text"],
+                        "msg": f"'text': {str(exc).removeprefix('explain: ')}",
+                        "type": "too_many_words",
+                    }
+                ],
+            ) from None
+        try:
+            index = label_index(model.labels, body.label)
+        except TuneforgeError as exc:
+            raise ApiError(
+                422,
+                [
+                    {
+                        "loc": ["body", "label"],
+                        "msg": f"'label': {str(exc).removeprefix('explain: ')}",
+                        "type": "unknown_label",
+                    }
+                ],
+            ) from None
+        texts = occlusion_texts(body.text, words)
+        try:
+            probabilities = await _unless_client_leaves(
+                request, state.explainer.probabilities(state.batcher, texts, timeout_s=settings.request_timeout_s)
+            )
+        except ExplainBusyError:
+            state.metrics.rejected.labels("explain_busy").inc()
+            retry = {"Retry-After": str(settings.retry_after_s)}
+            raise ApiError(503, "the server is busy explaining other texts; retry shortly", retry) from None
+        except (QueueFullError, BatcherClosedError, QueueTimeoutError, InferenceTimeoutError) as exc:
+            raise _model_call_refused(state, exc) from None
+        if probabilities is None:
+            state.metrics.rejected.labels("client_gone").inc()
+            return Response(status_code=CLIENT_GONE)
+        explanation = explain_occlusion(model, body.text, words, index, probabilities)
+        started = request.scope.get("state", {}).get("started", time.perf_counter())
+        content = {
+            "request_id": rid,
+            **explanation.to_dict(),
+            "model_version": state.info["version"] if state.info else "",
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
         return JSONResponse(content)
 
     @app.get(

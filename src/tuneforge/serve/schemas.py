@@ -113,6 +113,72 @@ def classify_request_model(*, max_texts: int, max_chars: int) -> type[ClassifyRe
     return model
 
 
+def _publish_explain_rules(schema: dict[str, Any]) -> None:
+    # "label" is absent or a string, never null (as "text" in a classification request).
+    prop = schema.get("properties", {}).get("label", {})
+    branches = [branch for branch in prop.pop("anyOf", []) if branch.get("type") != "null"]
+    if branches:
+        prop.update(branches[0])
+    prop.pop("default", None)
+    schema["examples"] = [{"text": "where is my parcel?"}, {"text": "great film", "label": "happy"}]
+
+
+class ExplainRequest(BaseModel):
+    """One text to explain, and optionally the label to explain (default: the model's best trained label)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_publish_explain_rules)
+
+    text: str = Field(description="the text; its words are scored as typed (whitespace-separated; CJK: per character)")
+    label: str | None = Field(
+        default=None,
+        description="a trained label to explain (one of GET /v1/model's labels; another is refused with 422); "
+        "default: the model's most probable trained label",
+    )
+    method: Literal["occlusion"] = Field(
+        default="occlusion",
+        description="occlusion: each word's score is p(label | text) - p(label | text without it); the only method "
+        "the server runs (it works on every model form; integrated gradients: `tuneforge explain --method ig`)",
+    )
+
+    @field_validator("label", mode="before")
+    @classmethod
+    def _not_null(cls, value: object) -> object:
+        if value is None:
+            raise ValueError("null is not allowed: leave the key out instead")
+        return value
+
+
+def explain_request_model(*, max_chars: int) -> type[ExplainRequest]:
+    """:class:`ExplainRequest` with the classification's per-text limit (no truncation: every word is scored)."""
+    text_schema = {"type": "string", "minLength": 1, "maxLength": max_chars, "pattern": NON_BLANK}
+    text = Annotated[
+        str, StringConstraints(max_length=max_chars), AfterValidator(check_text), WithJsonSchema(text_schema)
+    ]
+    model: type[ExplainRequest] = create_model(
+        "ExplainRequest",
+        __base__=ExplainRequest,
+        text=(text, Field(description=ExplainRequest.model_fields["text"].description)),
+    )
+    return model
+
+
+class WordScore(BaseModel):
+    word: str = Field(description="the word as typed")
+    start: int = Field(description="its first character's offset in the text")
+    end: int = Field(description="the offset after its last character")
+    score: float = Field(description="how much it raised the label's probability (negative: lowered it)")
+
+
+class ExplainResponse(BaseModel):
+    request_id: str
+    label: str = Field(description="the label explained")
+    probability: float = Field(description="the model's probability for it, given the whole text")
+    method: Literal["occlusion"]
+    words: list[WordScore]
+    model_version: str
+    latency_ms: float = Field(description="time spent in the server, waiting for a turn included")
+
+
 class LabelScore(BaseModel):
     label: str
     probability: float
