@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from tuneforge.apps.augment.commands import add_augment_parser, run_augment_command
+from tuneforge.apps.calibrate.commands import add_calibrate_parser, run_calibrate_command
 from tuneforge.apps.explain.commands import add_explain_parser, run_explain_command
 from tuneforge.apps.intent.commands import add_intent_parser, run_intent_command
 from tuneforge.errors import TuneforgeError
@@ -151,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_intent_parser(sub)
     add_augment_parser(sub)
+    add_calibrate_parser(sub)
     add_explain_parser(sub)
 
     p = sub.add_parser("demo", help="fine-tune the default model on the bundled demo data")
@@ -245,7 +247,10 @@ def _cmd_evaluate(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         print(json.dumps({k: v for k, v in metrics.items() if k != "confusion_matrix"}, indent=2))
     else:
-        print(f"accuracy {metrics['accuracy']:.2f}  macro-F1 {metrics['macro_f1']:.2f}  (n={metrics['n']})")
+        print(
+            f"accuracy {metrics['accuracy']:.2f}  macro-F1 {metrics['macro_f1']:.2f}  "
+            f"ECE {metrics['calibration']['ece']:.4f}  (n={metrics['n']})"
+        )
         console.print(f"metrics: {path}")
     return 0
 
@@ -439,6 +444,7 @@ COMMANDS = {
     "demo": _cmd_demo,
     "intent": run_intent_command,
     "augment": run_augment_command,
+    "calibrate": run_calibrate_command,
     "explain": run_explain_command,
 }
 

@@ -221,6 +221,12 @@ class TrainConfig(_Section):
     checkpoint_every_steps: int = Field(200, ge=1)
     group_by_length: bool = True
     eval_batch_size: int = Field(128, ge=1)
+    calibrate: bool = Field(
+        True,
+        description="After training, fit a temperature on the validation split's logits so that the "
+        "probabilities every loader reports are calibrated (RUN/calibration.json, calibration.png, ECE/Brier/NLL "
+        "in metrics.json); false: the raw softmax.",
+    )
     seed: int = 42
     threads: int | None = Field(None, ge=1, description="torch threads; None uses all cores.")
 

@@ -49,6 +49,8 @@ AUDIT_FILE = "audit.json"
 METRICS_FILE = "metrics.json"
 TRAIN_LOG_FILE = "train_log.jsonl"
 CONFUSION_PNG = "confusion_matrix.png"
+CALIBRATION_FILE = "calibration.json"
+CALIBRATION_PNG = "calibration.png"
 CHECKPOINT_DIR = "checkpoints/last"
 TEACHER_LOGITS_FILE = "checkpoints/teacher_logits.safetensors"
 
@@ -136,6 +138,14 @@ class RunDir:
     @property
     def confusion_png(self) -> Path:
         return self.path / CONFUSION_PNG
+
+    @property
+    def calibration_file(self) -> Path:
+        return self.path / CALIBRATION_FILE
+
+    @property
+    def calibration_png(self) -> Path:
+        return self.path / CALIBRATION_PNG
 
     @property
     def checkpoint_dir(self) -> Path:

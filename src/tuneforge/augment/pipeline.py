@@ -96,7 +96,8 @@ class LabelFilter:
 
         self.run_dir = Path(run_dir)
         self.min_probability = min_probability
-        self.predictor = Predictor(run_dir, threads=threads, open_set=False)
+        # The raw softmax, as when min_probability's default was chosen (not the run's calibrated one).
+        self.predictor = Predictor(run_dir, threads=threads, open_set=False, calibrated=False)
         self.index = {label: i for i, label in enumerate(self.predictor.labels)}
 
     def check_labels(self, labels: Sequence[str]) -> None:

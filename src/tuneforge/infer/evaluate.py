@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tuneforge.config import DataConfig, validate_data_config
 from tuneforge.data import read_eval_file
 from tuneforge.files import atomic_write_json
+from tuneforge.infer.calibration import calibration_metrics
 from tuneforge.infer.predictor import Predictor
 from tuneforge.metrics import classification_metrics, plot_confusion_matrix
 
@@ -37,14 +40,23 @@ def evaluate_file(
     encoding: str | None = None,
     out_dir: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
-    """Score ``data_path`` with the run's model; write ``<out_dir>/<file stem>.json`` and ``.png``."""
+    """Score ``data_path`` with the run's model; write ``<out_dir>/<file stem>.json`` and ``.png``.
+
+    ``calibration`` holds the ECE, Brier score and NLL of the probabilities the run reports (calibrated
+    with its temperature, if it has one) and that temperature."""
     predictor = Predictor(run_dir)
     data_cfg = eval_data_config(predictor, data_path, text_column, label_column, encoding)
     data = read_eval_file(Path(data_path), data_cfg, predictor.labels)
     index = {label: i for i, label in enumerate(predictor.labels)}
     probabilities = predictor.predict_proba(data.texts)
     predicted = [max(range(len(row)), key=row.__getitem__) for row in probabilities]
-    metrics = classification_metrics([index[y] for y in data.labels], predicted, predictor.labels)
+    truth = [index[y] for y in data.labels]
+    metrics = classification_metrics(truth, predicted, predictor.labels)
+    figures = calibration_metrics(np.asarray(probabilities), np.asarray(truth))
+    metrics["calibration"] = {
+        "temperature": predictor.temperature,
+        **{key: figures[key] for key in ("ece", "brier", "nll")},
+    }
     metrics["data"] = str(data_path)
     out_dir = out_dir or predictor.run.path / "evaluations"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,13 @@ score reaches the threshold. The methods (Podolskiy et al. 2021 compare them for
   covariance shared by all classes (Lee et al. 2018);
 * ``knn``: cosine similarity of the normalised features to their k-th nearest training text (Sun et al. 2022).
 
+The msp and energy scores read calibrated logits, ``logits / temperature``: the detector keeps the
+temperature its thresholds were fitted at (the run's calibration when ``tuneforge intent fit`` ran, see
+:mod:`tuneforge.infer.calibration`), so a later recalibration of the run changes the probabilities
+shown but not where the threshold cuts. A detector file from before calibration existed has no
+temperature and means 1: the raw logits it was fitted on. The probabilities a decision reports are the
+run's current calibrated ones.
+
 Intents added from a handful of examples (``tuneforge intent add``) are class means in the same feature
 space: a text whose nearest mean is an added intent gets that intent, in scope when its Mahalanobis
 score reaches ``feature_threshold`` (fitted like ``threshold``, so adding intents needs no retraining).
@@ -78,6 +85,9 @@ class OpenSetDetector:
     k: int = 10
     added: list[AddedIntent] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    # The temperature the msp/energy thresholds were fitted at (their scores read logits / temperature).
+    # None (a detector built in code): the Predictor that loads it gives it the run's own.
+    temperature: float | None = None
 
     @property
     def needs_features(self) -> bool:
@@ -106,14 +116,20 @@ class OpenSetDetector:
             return (own - 2.0 * zp @ means.T + mean_terms[None, :]).double().numpy()
 
     def scores(self, logits: np.ndarray, features: np.ndarray | None, method: str | None = None) -> np.ndarray:
-        """In-scope score of each text with ``method`` (default: the detector's)."""
-        return method_scores(method or self.method, logits, features, self)
+        """In-scope score of each text with ``method`` (default: the detector's), from the raw ``logits``."""
+        temperature = self.temperature or 1.0
+        return method_scores(method or self.method, logits / temperature, features, self)
 
     # --- decisions ----------------------------------------------------------------------------------
-    def decide(self, logits: np.ndarray, features: np.ndarray | None) -> list[OpenSetDecision]:
+    def decide(
+        self, logits: np.ndarray, features: np.ndarray | None, *, temperature: float | None = None
+    ) -> list[OpenSetDecision]:
+        """Decide on each text from the model's raw ``logits`` (and features); ``temperature``: the run's,
+        for the probabilities reported (default: the detector's own)."""
         if self.needs_features and features is None:
             raise RunDirError(f"the {self.method} detector needs the model's features, and none were given")
-        probabilities = softmax(logits)
+        shown = temperature if temperature is not None else (self.temperature or 1.0)
+        probabilities = softmax(logits / shown)
         trained = len(self.labels)
         distances = self.mahalanobis_distances(features) if self.needs_features and features is not None else None
         if self.method == "mahalanobis" and distances is not None:
@@ -213,6 +229,7 @@ def save_detector(run_path: Path | str, detector: OpenSetDetector) -> Path:
         "labels": detector.labels,
         "oos_label": detector.oos_label,
         "k": detector.k,
+        "temperature": detector.temperature,
         "added": [{"label": a.label, "examples": a.examples, "threshold": a.threshold} for a in detector.added],
         **{key: value for key, value in detector.info.items() if key not in _META_KEYS},
     }
@@ -235,6 +252,7 @@ _META_KEYS = (
     "labels",
     "oos_label",
     "k",
+    "temperature",
     "added",
 )
 
@@ -299,6 +317,12 @@ def _from_meta(meta: dict[str, Any], stats: dict[str, np.ndarray]) -> OpenSetDet
     numbers = {key: float(meta[key]) for key in ("threshold", "feature_threshold", "ambiguity_margin")}
     if not all(np.isfinite(list(numbers.values()))) or not 0.0 <= numbers["ambiguity_margin"] < 1.0:
         raise ValueError(f"thresholds must be finite and the margin in [0, 1): {numbers}")
+    # Absent (a file from before calibration): fitted on raw logits. null: a detector built in code.
+    temperature = meta.get("temperature", 1.0)
+    if temperature is not None:
+        temperature = float(temperature)
+        if not np.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"the temperature must be finite and above 0, not {temperature}")
     return OpenSetDetector(
         method=method,
         labels=labels,
@@ -309,5 +333,6 @@ def _from_meta(meta: dict[str, Any], stats: dict[str, np.ndarray]) -> OpenSetDet
         k=int(meta.get("k", 10)),
         added=added,
         info={key: value for key, value in meta.items() if key not in _META_KEYS},
+        temperature=temperature,
         **numbers,
     )

@@ -1,4 +1,9 @@
-"""Load a run directory and classify texts. Never imports training code."""
+"""Load a run directory and classify texts. Never imports training code.
+
+Probabilities are calibrated: the logits are divided by the run's temperature (``RUN/calibration.json``,
+:mod:`tuneforge.infer.calibration`) before the softmax, whichever form the model is loaded in; a run
+without the file answers with its raw softmax, as before.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,8 @@ import torch
 from tuneforge.data.batching import encode_texts
 from tuneforge.data.cleaning import clean_text
 from tuneforge.errors import RunDirError
+from tuneforge.infer.calibration import Calibration, load_calibration, scaled_probabilities
 from tuneforge.infer.openset import OpenSetDetector, load_detector
-from tuneforge.models.loading import softmax
 from tuneforge.models.runs import load_run_backend
 from tuneforge.rundir import RunDir, open_run_dir
 
@@ -53,7 +58,11 @@ def check_label_count(run: RunDir, labels: list[str], outputs: int) -> None:
 
 
 class Predictor:
-    """Classify texts with a trained run: the same cleaning and truncation as in training."""
+    """Classify texts with a trained run: the same cleaning and truncation as in training.
+
+    ``calibrated=False`` ignores the run's temperature: the raw softmax, for code whose thresholds were
+    chosen on it.
+    """
 
     def __init__(
         self,
@@ -64,6 +73,7 @@ class Predictor:
         form: str = "auto",
         spin: bool = True,
         open_set: bool = True,
+        calibrated: bool = True,
     ) -> None:
         self.run: RunDir = open_run_dir(run_dir)
         if threads:
@@ -78,6 +88,8 @@ class Predictor:
         self.chinese_script: str | None = config.data.chinese_script if config else None
         self.batch_size = batch_size
         self.pad_id = self.tokenizer.pad_token_id or 0
+        self.calibration: Calibration | None = load_calibration(self.run.path) if calibrated else None
+        self.temperature: float = self.calibration.temperature if self.calibration is not None else 1.0
         # ``open_set=False`` ignores a fitted detector: plain closed-set classification.
         self.detector: OpenSetDetector | None = load_detector(self.run.path, self.labels) if open_set else None
         if self.detector is not None and self.detector.needs_features and not self.classifier.has_features:
@@ -86,18 +98,28 @@ class Predictor:
                 f"{self.form} model does not output (an ONNX export from before the intent engine); export "
                 "the variant again with tuneforge optimize, or fit an msp or energy detector"
             )
+        if self.detector is not None and self.detector.temperature is None:
+            # Built in code, with no temperature of its own: its thresholds are on this run's probabilities.
+            self.detector.temperature = self.temperature
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         cleaned = [clean_text(t, lowercase=self.lowercase, chinese_script=self.chinese_script) for t in texts]
         return encode_texts(self.tokenizer, cleaned, self.max_length)
 
+    def logits(self, texts: list[str]) -> np.ndarray:
+        """The model's raw logits (not divided by the temperature: what a calibration is fitted on)."""
+        return self.classifier.logits(self._encode(texts), pad_id=self.pad_id, batch_size=self.batch_size)
+
     def logits_and_features(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """The logits and the feature vectors the classifier head reads (what the detector scores)."""
+        """The raw logits and the feature vectors the classifier head reads (what the detector scores)."""
         return self.classifier.logits_and_features(self._encode(texts), pad_id=self.pad_id, batch_size=self.batch_size)
 
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities of raw ``logits``: ``softmax(logits / temperature)``."""
+        return scaled_probabilities(logits, self.temperature)
+
     def predict_proba(self, texts: list[str]) -> list[list[float]]:
-        logits = self.classifier.logits(self._encode(texts), pad_id=self.pad_id, batch_size=self.batch_size)
-        return softmax(logits).tolist()
+        return self.probabilities(self.logits(texts)).tolist()
 
     def predict(self, texts: list[str], *, top_k: int = 1) -> list[Prediction]:
         if self.detector is not None:
@@ -118,7 +140,8 @@ class Predictor:
         else:
             logits, features = self.classifier.logits(encoded, pad_id=self.pad_id, batch_size=self.batch_size), None
         results = []
-        for row, decided in zip(softmax(logits), detector.decide(logits, features), strict=True):
+        decisions = detector.decide(logits, features, temperature=self.temperature)
+        for row, decided in zip(self.probabilities(logits), decisions, strict=True):
             order = np.argsort(-row)[:top_k]
             results.append(
                 Prediction(

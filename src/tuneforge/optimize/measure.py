@@ -9,6 +9,7 @@ variants with each other, not with other tools.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -72,14 +73,20 @@ def measure(
     size_mb: float,
     latency_samples: int = 200,
     parameters: int | None = None,
+    on_logits: Callable[[np.ndarray], None] | None = None,
 ) -> Measurement:
-    """Score ``classifier`` on pre-tokenised validation texts and time it at batch 1 and batch 32."""
+    """Score ``classifier`` on pre-tokenised validation texts and time it at batch 1 and batch 32.
+
+    ``on_logits`` receives the validation logits the accuracy came from (the variant's calibration is
+    fitted on them: no second pass)."""
     # Warm-up: the first calls allocate buffers and pick kernels.
     classifier.logits(encoded[:THROUGHPUT_BATCH], pad_id=pad_id, batch_size=THROUGHPUT_BATCH)
     started = time.perf_counter()
     logits = classifier.logits(encoded, pad_id=pad_id, batch_size=THROUGHPUT_BATCH)
     throughput = len(encoded) / (time.perf_counter() - started)
     metrics = classification_metrics(labels, logits.argmax(axis=-1).tolist(), label_names)
+    if on_logits is not None:
+        on_logits(logits)
 
     # Batch-1 latency over an evenly spread sample, so short and long texts are both represented.
     step = max(1, len(encoded) // latency_samples)

@@ -17,6 +17,8 @@ Variants (each is itself a run directory under ``OUT/variants/<name>/``):
 Every variant is scored on the run's validation data in this one process (accuracy, macro-F1,
 batch-1 latency, batch-32 throughput, size on disk, peak memory); the best within the accuracy
 budget becomes ``OUT`` itself, a run directory that ``predict``, ``evaluate`` and ``serve`` load.
+Each variant fits its own temperature on those validation logits (its ``calibration.json``): an int8
+or distilled model is not confident where its source was.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from rich.console import Console
 from tuneforge.config import RunConfig, validate_config
 from tuneforge.data import LabelledTexts, prepare_data, read_eval_file
 from tuneforge.data.batching import encode_texts
-from tuneforge.errors import ConfigError, ModelError, RunDirError, TuneforgeError
+from tuneforge.errors import ConfigError, DataError, ModelError, RunDirError, TuneforgeError
 from tuneforge.files import atomic_replace_dir, atomic_write_json, atomic_write_text
+from tuneforge.infer.calibration import fit_calibration, load_calibration, plot_reliability, save_calibration
 from tuneforge.models.onnx_runtime import OnnxClassifier
 from tuneforge.models.quantized import quantize_torch_dynamic
 from tuneforge.models.runs import TorchClassifier, load_run_classifier
@@ -270,6 +273,7 @@ class _Builder:
     ) -> None:
         self.console.print(f"measuring {name} ...")
         val_ids, pad_id = self.validation_ids(tokenizer)
+        scored: list[Any] = []
         result = measure(
             name,
             classifier,
@@ -279,15 +283,37 @@ class _Builder:
             pad_id=pad_id,
             size_mb=size_mb,
             parameters=parameters,
+            on_logits=scored.append,
         )
+        # After the measurement, so that the fit and the plot count in no variant's time or memory.
+        calibrated = self._calibrate(name, scored[0])
         self.measurements.append(result)
         info = json.loads((self.variant_dir(name) / "variant.json").read_text())
         info["validation"] = result.to_dict()
+        if calibrated:
+            info["calibration"] = calibrated
         atomic_write_json(self.variant_dir(name) / "variant.json", info)
+        shown = f", T {calibrated['temperature']:.3f}" if calibrated else ""
         self.console.print(
             f"  {name}: accuracy {result.accuracy:.2f}, p50 {result.latency_p50_ms:.1f} ms, "
-            f"{result.throughput_bs32:.0f} samples/s, {result.size_mb:.1f} MB"
+            f"{result.throughput_bs32:.0f} samples/s, {result.size_mb:.1f} MB{shown}"
         )
+
+    def _calibrate(self, name: str, logits: Any) -> dict[str, Any]:
+        """The variant's own temperature, fitted on the validation logits it was just scored on, written
+        into its run directory; its summary for variant.json ({} where the texts cannot be fitted on)."""
+        source = self.options.data_file or "the run's validation split"
+        try:
+            calibration = fit_calibration(logits, self.val_y, {"data": str(source), "variant": name})
+        except DataError as exc:
+            self.console.print(f"  {name}: not calibrated: {exc}")
+            return {}
+        folder = self.variant_dir(name)
+        save_calibration(folder, calibration)
+        plot_reliability(
+            logits, self.val_y, calibration.temperature, RunDir(folder).calibration_png, f"{name}: reliability"
+        )
+        return {"temperature": calibration.temperature, "before": calibration.before, "after": calibration.after}
 
     # --- PyTorch variants -------------------------------------------------------------------------
 
@@ -513,7 +539,13 @@ def optimize_run(
             else:
                 shutil.copy2(item, work / item.name)
         baseline = next(m for m in builder.measurements if m.name == BASELINE)
-        atomic_write_json(work / "metrics.json", {"validation": chosen.to_dict(), "baseline": baseline.to_dict()})
+        metrics: dict[str, Any] = {"validation": chosen.to_dict(), "baseline": baseline.to_dict()}
+        if (calibration := load_calibration(work)) is not None:
+            metrics["calibration"] = {
+                "temperature": calibration.temperature,
+                "validation": {"before": calibration.before, "after": calibration.after},
+            }
+        atomic_write_json(work / "metrics.json", metrics)
         report = {
             "source_run": str(source.path),
             "chosen": chosen.name,

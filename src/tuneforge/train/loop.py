@@ -2,9 +2,9 @@
 
 Read ``train`` first: set up (check the output folder, read the data, load the model, build the
 optimizer), then the loop (length-grouped batches → one optimizer step → log, evaluate, checkpoint),
-then finish (evaluate the kept model, write the metrics, swap the run into place). Everything a
-resumed run needs is in the checkpoint, and every random choice comes from the seed, so a run
-killed at any point and resumed ends exactly like one that was never interrupted.
+then finish (evaluate the kept model, calibrate its probabilities, write the metrics, swap the run
+into place). Everything a resumed run needs is in the checkpoint, and every random choice comes from
+the seed, so a run killed at any point and resumed ends exactly like one that was never interrupted.
 
 A run is written into ``<output.dir>.partial`` beside its target and renamed into place only when
 it has finished, so an interrupted or failed run never touches an earlier run at ``output.dir``;
@@ -31,8 +31,9 @@ from tuneforge import adapters
 from tuneforge.config import RunConfig
 from tuneforge.data import PreparedData, format_audit, prepare_data
 from tuneforge.data.batching import encode_texts
-from tuneforge.errors import RunDirError
+from tuneforge.errors import DataError, RunDirError
 from tuneforge.files import atomic_replace_dir, atomic_write_json, atomic_write_text
+from tuneforge.infer.calibration import before_after, fit_calibration, plot_reliability, save_calibration
 from tuneforge.metrics import classification_metrics, plot_confusion_matrix
 from tuneforge.models.loading import load_tokenizer, predict_logits
 from tuneforge.models.runs import load_run_classifier
@@ -54,8 +55,9 @@ from tuneforge.train.setup import trainable_model
 from tuneforge.train.step import TrainingSet, encode_training_set, epoch_batches, progress_bar, teacher_pass, train_step
 
 LOG_EVERY_STEPS = 20
-# Keys that may differ between the original run and its resumption without changing the result.
-RESUME_IGNORED_KEYS = {("train", "threads")}
+# Keys that may differ between the original run and its resumption without changing the result
+# (calibration happens after the loop; a run started before the key existed resumes too).
+RESUME_IGNORED_KEYS = {("train", "threads"), ("train", "calibrate")}
 # The folder a run is written into until it is complete; a fixed name so that --resume finds it.
 STAGING_SUFFIX = ".partial"
 
@@ -471,11 +473,17 @@ def _finish(s: _Session, console: Console) -> TrainResult:
     label_index = {name: i for i, name in enumerate(label_names)}
     bs, max_len = cfg.train.eval_batch_size, cfg.model.max_length
     metrics: dict[str, Any] = {}
+    scored: dict[str, tuple[Any, list[int]]] = {}
     for split, texts in {"validation": s.data.validation, "test": s.data.test}.items():
         if texts is None or len(texts) == 0:
             continue
         ids = encode_texts(tokenizer, texts.texts, max_len)
-        metrics[split] = _evaluate(model, ids, [label_index[y] for y in texts.labels], label_names, pad_id, bs)
+        logits = predict_logits(model, ids, pad_id=pad_id, batch_size=bs)
+        truth = [label_index[y] for y in texts.labels]
+        metrics[split] = classification_metrics(truth, logits.argmax(axis=-1).tolist(), label_names)
+        scored[split] = (logits, truth)
+    if cfg.train.calibrate and (calibration := _calibrate(run, scored, console)) is not None:
+        metrics["calibration"] = calibration
     metrics["train"] = {
         "examples": len(s.train_set.ids),
         "steps": state.step,
@@ -501,6 +509,39 @@ def _finish(s: _Session, console: Console) -> TrainResult:
             )
     console.print(f"run directory: {s.target}")
     return TrainResult(run_dir=s.target, metrics=metrics)
+
+
+def _calibrate(run: RunDir, scored: dict[str, tuple[Any, list[int]]], console: Console) -> dict[str, Any] | None:
+    """Fit the temperature on the validation logits just computed (no extra pass), write calibration.json
+    and the reliability diagram (of the test split when there is one: texts the fit never saw); return
+    metrics.json's section. A validation split that cannot be fitted on leaves the run uncalibrated."""
+    if "validation" not in scored:
+        console.print("calibration skipped: no validation split to fit the temperature on")
+        return None
+    logits, truth = scored["validation"]
+    try:
+        calibration = fit_calibration(logits, truth, {"data": "validation split"})
+    except DataError as exc:
+        console.print(f"calibration skipped: {exc}")
+        return None
+    save_calibration(run.path, calibration)
+    section: dict[str, Any] = {
+        "temperature": calibration.temperature,
+        "validation": {"before": calibration.before, "after": calibration.after},
+    }
+    if "test" in scored:
+        section["test"] = before_after(*scored["test"], calibration.temperature)
+    shown = "test" if "test" in scored else "validation"
+    plot_reliability(
+        *scored[shown], calibration.temperature, run.calibration_png, f"{shown} reliability (T fitted on validation)"
+    )
+    after = section[shown]["after"]
+    console.print(
+        f"calibration: temperature {calibration.temperature:.3f}; {shown} ECE "
+        f"{section[shown]['before']['ece']:.4f} → {after['ece']:.4f}, NLL "
+        f"{section[shown]['before']['nll']:.4f} → {after['nll']:.4f}"
+    )
+    return section
 
 
 def _write_merged_model(run: RunDir, tokenizer: Any) -> None:

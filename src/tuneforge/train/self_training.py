@@ -426,9 +426,14 @@ def _pseudo_labels(
 def _predict(
     labeller: Path, texts: list[str], label_names: list[str], config: RunConfig, console: Console, show_progress: bool
 ) -> list[list[float]]:
-    # A teacher is checked up front (_check_teacher); a round's model is this run's own.
+    # A teacher is checked up front (_check_teacher); a round's model is this run's own. The raw softmax,
+    # not the run's calibrated one: the threshold and its label-smoothing ceiling (_check_threshold) are on it.
     predictor = Predictor(
-        labeller, open_set=False, threads=config.train.threads, batch_size=config.train.eval_batch_size
+        labeller,
+        open_set=False,
+        calibrated=False,
+        threads=config.train.threads,
+        batch_size=config.train.eval_batch_size,
     )
     if predictor.labels != label_names:
         raise RunDirError(f"{labeller}: has the labels {predictor.labels}, not the training data's {label_names}")

@@ -181,6 +181,9 @@ def fit_detector(
         k=options.k,
     )
     held_logits, held_features = predictor.logits_and_features(held.texts)
+    # Thresholds on the run's calibrated probabilities, as predict shows them; the detector keeps this
+    # temperature, so its scores read the logits as they were fitted on even after a recalibration.
+    held_logits = held_logits / predictor.temperature
     truth = np.array([index.get(y, open_id) for y in held.labels])
     predicted = held_logits.argmax(axis=1)
     has_oos = bool((truth == open_id).any())
@@ -227,6 +230,7 @@ def fit_detector(
         precision=precision,
         bank=scoring.bank if method == "knn" else None,
         k=options.k,
+        temperature=predictor.temperature,
         info={
             "options": asdict(options),
             "chosen_by": chosen_by,

@@ -95,7 +95,7 @@ def evaluate_open_set(
     cfg = eval_data_config(predictor, data_path, text_column, label_column, encoding)
     data = read_eval_file(Path(data_path), cfg, [*detector.all_labels, detector.oos_label])
     logits, features = predictor.logits_and_features(data.texts)
-    decisions = detector.decide(logits, features)
+    decisions = detector.decide(logits, features, temperature=predictor.temperature)
     scores = detector.scores(logits, features)
     metrics = open_set_metrics(
         data.labels, [d.label for d in decisions], scores, detector.oos_label, detector.all_labels
