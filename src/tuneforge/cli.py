@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from tuneforge.apps.analyze.commands import add_analyze_parser, run_analyze_command
 from tuneforge.apps.augment.commands import add_augment_parser, run_augment_command
 from tuneforge.apps.calibrate.commands import add_calibrate_parser, run_calibrate_command
 from tuneforge.apps.explain.commands import add_explain_parser, run_explain_command
@@ -152,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_intent_parser(sub)
     add_augment_parser(sub)
+    add_analyze_parser(sub)
     add_calibrate_parser(sub)
     add_explain_parser(sub)
 
@@ -444,6 +446,7 @@ COMMANDS = {
     "demo": _cmd_demo,
     "intent": run_intent_command,
     "augment": run_augment_command,
+    "analyze": run_analyze_command,
     "calibrate": run_calibrate_command,
     "explain": run_explain_command,
 }
