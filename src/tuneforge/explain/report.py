@@ -20,6 +20,7 @@ from tuneforge.files import atomic_write_text
 # Scores are differences of probabilities: below this, a word's colour would dramatise noise.
 _MIN_SCALE = 0.05
 _FAINT = 0.1  # strength under which a word is left uncoloured
+_SHOWN = 0.0005  # scores are printed to 3 decimals
 _FOR = (22, 163, 74)  # green
 _AGAINST = (220, 38, 38)  # red
 
@@ -37,8 +38,9 @@ def strengths(explanation: Explanation) -> list[float]:
 def strongest(explanation: Explanation, count: int = 3) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
     """The ``count`` words with the highest scores (for the label) and the lowest negative ones (against)."""
     pairs = [(word.text, score) for word, score in zip(explanation.words, explanation.scores, strict=True)]
-    supporting = sorted((pair for pair in pairs if pair[1] > 0), key=lambda pair: -pair[1])[:count]
-    opposing = sorted((pair for pair in pairs if pair[1] < 0), key=lambda pair: pair[1])[:count]
+    # A score that rounds to 0.000 where it is printed is neither for nor against.
+    supporting = sorted((pair for pair in pairs if pair[1] >= _SHOWN), key=lambda pair: -pair[1])[:count]
+    opposing = sorted((pair for pair in pairs if pair[1] <= -_SHOWN), key=lambda pair: pair[1])[:count]
     return supporting, opposing
 
 
@@ -94,7 +96,7 @@ _CSS = """
 def _mark(word: str, score: float, strength: float, label: str) -> str:
     red, green, blue = _FOR if score > 0 else _AGAINST
     alpha = 0.0 if abs(strength) < _FAINT else round(0.15 + 0.6 * abs(strength), 3)
-    towards = "for" if score > 0 else "against" if score < 0 else "neutral to"
+    towards = "for" if score >= _SHOWN else "against" if score <= -_SHOWN else "neutral to"
     name = f"{word}: {score:+.3f}, {towards} {label}"
     return (
         f'<mark tabindex="0" style="background-color: rgba({red}, {green}, {blue}, {alpha})" '
