@@ -87,6 +87,17 @@ def test_sub_words_are_merged_back_into_the_words(predictor: Predictor) -> None:
     assert pieces == {0: "the", 1: "unboxing", 2: "was", 3: "superb", 4: "xq7"}
 
 
+def test_chinese_characters_are_words_of_their_own(predictor: Predictor) -> None:
+    text = "我的card丢了"
+    words = split_words(text)
+    assert [w.text for w in words] == ["我", "的", "card", "丢", "了"]
+    alignment = align_tokens(predictor.tokenizer, text, words, max_length=32)
+    assert sorted({o for o in alignment.word_of_token if o is not None}) == [0, 1, 2, 3, 4]
+    found = explain(predictor, text, method="integrated_gradients")
+    assert len(found.scores) == 5
+    assert sum(found.scores) == pytest.approx(found.probability - found.baseline_probability + found.delta, abs=1e-5)
+
+
 def test_cleaning_keeps_each_word_its_span() -> None:
     # Fullwidth letters (NFKC), an entity, lower-casing, collapsed spaces: spans follow the cleaned text.
     text = "ＡＷＦＵＬ   plot &amp; acting"
@@ -94,6 +105,9 @@ def test_cleaning_keeps_each_word_its_span() -> None:
     cleaned, spans = cleaned_with_spans(text, words, lowercase=True)
     assert cleaned == "awful plot & acting"
     assert [cleaned[a:b] for a, b in spans] == ["awful", "plot", "&", "acting"]
+    # NFKC turns U+00A8 into a space and a combining mark: the word stays one word, its span the whole piece.
+    cleaned, spans = cleaned_with_spans("x a\u00a8b y", split_words("x a\u00a8b y"))
+    assert [cleaned[a:b] for a, b in spans] == ["x", "a \u0308b", "y"]
 
 
 # --- occlusion -------------------------------------------------------------------------------------
@@ -116,6 +130,18 @@ def test_occlusion_scores_are_probability_differences(predictor: Predictor) -> N
     assert explain(predictor, text, label=other).probability == pytest.approx(
         rows[0, predictor.labels.index(other)], abs=1e-5
     )
+
+
+def test_occlusion_is_one_forward_pass(predictor: Predictor) -> None:
+    passes: list[int] = []
+    hook = predictor.classifier.model.register_forward_hook(
+        lambda _m, args, kw, out: passes.append(1), with_kwargs=True
+    )
+    try:
+        found = explain(predictor, "the plot was dull but the acting was superb and lovely")
+    finally:
+        hook.remove()
+    assert len(found.scores) == 11 and len(passes) == 1
 
 
 def test_a_word_the_model_cannot_see_scores_zero(predictor: Predictor) -> None:
