@@ -192,6 +192,18 @@ def test_integrated_gradients_give_a_padding_word_nothing(predictor: Predictor) 
     assert abs(found.scores[0]) > 1e-4
 
 
+def test_integrated_gradients_refuse_an_int8_pytorch_model(predictor: Predictor) -> None:
+    import copy
+    from types import SimpleNamespace
+
+    from tuneforge.explain.integrated import torch_model_of
+    from tuneforge.models.quantized import quantize_torch_dynamic
+
+    quantized = quantize_torch_dynamic(copy.deepcopy(predictor.classifier.model))
+    with pytest.raises(ModelError, match="int8-quantized"):
+        torch_model_of(SimpleNamespace(classifier=SimpleNamespace(model=quantized), form="model"))
+
+
 # --- bad input -------------------------------------------------------------------------------------
 
 
