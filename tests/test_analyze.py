@@ -327,3 +327,13 @@ def test_parser_filters_match_the_finder() -> None:
     from tuneforge.apps.analyze import commands
 
     assert commands.FILTERS == FILTERS
+
+
+def test_without_data_the_runs_training_file_is_analysed(noisy_run: dict, tmp_path: Path, capsys) -> None:
+    html, suspects = tmp_path / "r.html", tmp_path / "s.csv"
+    code = main(["analyze", str(noisy_run["run"]), "--html", str(html), "--suspects", str(suspects), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "(n=150, training data)" in captured.out
+    assert re.search(r"probable label errors: \d+ of 150 rows", captured.out)
+    assert html.is_file() and suspects.is_file()
