@@ -20,6 +20,7 @@ from tuneforge.apps.augment.commands import add_augment_parser, run_augment_comm
 from tuneforge.apps.calibrate.commands import add_calibrate_parser, run_calibrate_command
 from tuneforge.apps.explain.commands import add_explain_parser, run_explain_command
 from tuneforge.apps.intent.commands import add_intent_parser, run_intent_command
+from tuneforge.apps.monitor.commands import add_monitor_parser, run_monitor_command
 from tuneforge.errors import TuneforgeError
 
 EXIT_BAD_INPUT = 2
@@ -156,6 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     add_analyze_parser(sub)
     add_calibrate_parser(sub)
     add_explain_parser(sub)
+    add_monitor_parser(sub)
 
     p = sub.add_parser("demo", help="fine-tune the default model on the bundled demo data")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -449,6 +451,7 @@ COMMANDS = {
     "analyze": run_analyze_command,
     "calibrate": run_calibrate_command,
     "explain": run_explain_command,
+    "monitor": run_monitor_command,
 }
 
 
