@@ -197,14 +197,15 @@ def int8_variant(run: Path, timings: dict[str, float]) -> Path:
     return variant if variant.is_dir() else out
 
 
-def dev_accuracy(run: Path) -> float:
+def dev_scores(run: Path) -> dict[str, Any]:
+    """Dev accuracy, and the calibration of the probabilities the run reports (ECE over 15 bins, NLL)."""
     from tuneforge.infer.evaluate import evaluate_file
 
     data = dataset("sst2")
     metrics, _ = evaluate_file(
         run, data.evaluation, text_column=data.text_column, label_column=data.label_column, out_dir=run / "dev-eval"
     )
-    return round(metrics["accuracy"], 2)
+    return {"accuracy": round(metrics["accuracy"], 2), "calibration": metrics.get("calibration")}
 
 
 def sentences_per_second(runs: dict[str, Path], rounds: int = 3) -> dict[str, float]:
@@ -272,7 +273,7 @@ def main() -> None:
     speed = sentences_per_second(speed_runs)
     record = {
         "benchmark": "transfer_distill",
-        "teacher_dev": dev_accuracy(TEACHER),
+        "teacher_dev": dev_scores(TEACHER),
         "transfer": {"file": transfer.name, "texts": sum(1 for _ in transfer.open(encoding="utf-8"))},
         "epochs": args.epochs,
         "students": [
@@ -280,8 +281,8 @@ def main() -> None:
                 "layers": layers,
                 "seed": seed,
                 "run": str(run.relative_to(ROOT)),
-                "dev": dev_accuracy(run),
-                "int8_dev": dev_accuracy(variants[(layers, seed)]),
+                "dev": dev_scores(run),
+                "int8_dev": dev_scores(variants[(layers, seed)]),
                 "int8_sentences_per_s": speed[f"student{layers}-seed{seed}-int8"],
                 "train_metrics": json.loads((run / "metrics.json").read_text())["train"],
             }
