@@ -596,6 +596,37 @@ def test_a_stuck_webhook_never_stalls_ingest(receiver: ThreadingHTTPServer, tmp_
     assert {key for key, _ in receiver.calls[1:]} == newest  # type: ignore[attr-defined]
 
 
+# ---- scoring with a real run ------------------------------------------------------------------------------
+
+
+def test_scoring_with_the_int8_onnx_variant_stores_calibrated_probabilities(
+    trained_tiny_run: Path, tmp_path: Path
+) -> None:
+    from tuneforge.infer.predictor import Predictor
+    from tuneforge.optimize.pipeline import OptimizeOptions, optimize_run
+
+    optimize_run(
+        trained_tiny_run, out_dir=tmp_path / "opt", options=OptimizeOptions(variants=("onnx-int8",), threads=1)
+    )
+    variant = tmp_path / "opt" / "variants" / "onnx-int8"
+    raw = raw_config(tmp_path, run=variant, source={"type": "stdin"})
+    raw["scoring"]["form"] = "onnx"
+    monitor = Monitor(validate_monitor_config(raw), sinks=Sinks([]))
+    assert monitor.scorer.predictor.form == "onnx" and monitor.scorer.calibrated
+    texts = ["great lovely film", "awful boring plot", "okay average story"]
+    monitor.ingest([record(i, T0 + i, text) for i, text in enumerate(texts)])
+    stored = {item.text: item for item in monitor.store.items(order="oldest")}
+    expected = Predictor(variant, form="onnx", open_set=False).predict_proba(texts)
+    labels = monitor.scorer.predictor.labels
+    for text, row in zip(texts, expected, strict=True):
+        by_label = dict(zip(labels, row, strict=True))
+        item = stored[text]
+        assert item.probability == pytest.approx(max(row), abs=1e-6)  # the calibrated probability
+        assert item.label == max(by_label, key=by_label.__getitem__)
+        assert item.signed == pytest.approx(by_label["happy"] - by_label["sad"], abs=1e-6)
+    monitor.close()
+
+
 # ---- kill and restart ------------------------------------------------------------------------------------
 
 _KILLER = """

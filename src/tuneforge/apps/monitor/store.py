@@ -62,6 +62,9 @@ CREATE TABLE IF NOT EXISTS rejected (
     raw TEXT NOT NULL,
     at REAL NOT NULL
 );
+-- A file's record is rejected once, even if a batch is handed over again after an interruption
+-- (NULL sources, stdin and the API, have no stable place to key on).
+CREATE UNIQUE INDEX IF NOT EXISTS rejected_once ON rejected (source, location);
 CREATE TABLE IF NOT EXISTS alerts (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     key TEXT NOT NULL UNIQUE,
@@ -297,7 +300,7 @@ class Store:
     def add_rejected(self, rejected: Sequence[Rejected], source: str | None) -> None:
         now = time.time()
         self.conn.executemany(
-            "INSERT INTO rejected (source, location, reason, item_id, raw, at) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO rejected (source, location, reason, item_id, raw, at) VALUES (?, ?, ?, ?, ?, ?)",
             [(source, r.where, r.reason, r.id, r.raw[:_RAW_KEPT], now) for r in rejected],
         )
 
