@@ -217,6 +217,7 @@ def test_alias_files_and_entity_columns(tmp_path: Path) -> None:
     assert read_alias_file(tmp_path / "a.yaml") == {"Acme Corp": "ACME", "Acme": "ACME", "Globex": "GLBX"}
     matcher = build_matcher({"Initech": "INIT"}, tmp_path / "a.csv")
     assert matcher.find("Initech and GLBX and Acme Corp") == ["INIT", "GLBX", "ACME"]  # tickers match too
+    assert [matcher.resolve(name) for name in ("acme  corp", "GLBX", "Hooli")] == ["ACME", "GLBX", "Hooli"]
     assert split_entities("ACME; GLBX|INIT, ACME") == ["ACME", "GLBX", "INIT"]
     assert split_entities('["ACME", "GLBX"]') == ["ACME", "GLBX"] and split_entities(None) == []
     with pytest.raises(ConfigError, match="file not found"):
@@ -307,6 +308,7 @@ def test_bad_items_are_rejected_with_their_reason_and_kept(tmp_path: Path) -> No
             record(4, T0, "an hour too late"),
             record(5, T0 + HOUR, ""),
             Record({}, "x:6", error="not valid JSON (Expecting value)"),
+            record(7, "2999-01-01T00:00:00Z", "a typo'd year would make every later item late"),
         ]
     )
     assert report.stored == 1
@@ -316,10 +318,12 @@ def test_bad_items_are_rejected_with_their_reason_and_kept(tmp_path: Path) -> No
         "out of order": 1,
         "no text": 1,
         "not valid JSON": 1,
+        "in the future": 1,
     }
     stats = monitor.store.stats()
-    assert stats["items"] == 1 and stats["rejected"] == 5
-    assert {r["location"] for r in monitor.store.rejected()} == {"test:2", "test:3", "test:4", "test:5", "x:6"}
+    assert stats["items"] == 1 and stats["rejected"] == 6
+    locations = {r["location"] for r in monitor.store.rejected()}
+    assert locations == {"test:2", "test:3", "test:4", "test:5", "x:6", "test:7"}
     monitor.close()
 
 
@@ -789,3 +793,33 @@ def test_replay_cli_prints_the_alert_table_and_writes_plots(
     assert "rejected" not in result.stderr.split("done:")[-1]
     assert main(["monitor", "serve", str(tmp_path / "monitor.yaml")]) == 2
     assert "not built yet" in capsys.readouterr().err
+
+
+def test_run_cli_reads_csv_from_stdin_and_prints_alerts(
+    trained_tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["id", "timestamp", "text", "entities"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({"entities": "", **row} for row in stream_rows())
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(buffer.getvalue().encode("utf-8"))))
+    raw = raw_config(
+        tmp_path,
+        run=trained_tiny_run,
+        rules=RULES,
+        source={"type": "stdin", "format": "csv"},
+        sinks={"stdout": True, "jsonl": str(tmp_path / "alerts.jsonl")},
+    )
+    (tmp_path / "monitor.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert main(["monitor", "run", str(tmp_path / "monitor.yaml")]) == 0
+    out, err = capsys.readouterr()
+    rows = stream_rows()
+    assert f"done: {len(rows)} records: {len(rows)} stored" in err
+    with Store(tmp_path / "monitor.sqlite", readonly=True) as store:
+        assert store.item_count() == len(rows)
+        alerts = store.alerts(limit=1000)
+        assert store.stats()["offsets"] == {}  # stdin cannot be resumed: ids alone keep items single
+    assert alerts and out.count("ALERT [") == len(alerts)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,14 +63,21 @@ def _warner(console: Console) -> Callable[[str], None]:
     return warn
 
 
-def _sigterm_as_interrupt() -> None:
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM (a service manager stopping the monitor) ends it like Ctrl-C: the batch held is committed."""
 
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, handler)
+    if not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_monitor_command(args: argparse.Namespace, console: Console) -> int:
@@ -88,20 +97,20 @@ def _run(args: argparse.Namespace, config: MonitorConfig, console: Console) -> i
     from tuneforge.apps.monitor.runner import Monitor, open_source
 
     warn = _warner(console)
-    _sigterm_as_interrupt()
-    monitor = Monitor(config, warn=warn)
-    try:
-        records, source = open_source(config, monitor.store, warn=warn)
-        shown = source or "stdin"
-        console.print(f"monitor: {shown} -> {config.store.path} ({len(config.rules)} rules)", highlight=False)
 
-        def progress(report: IngestReport) -> None:
-            if args.verbose:
-                console.print(f"batch: {report.summary()}", highlight=False)
+    def progress(report: IngestReport) -> None:
+        if args.verbose:
+            console.print(f"batch: {report.summary()}", highlight=False)
 
-        report = monitor.consume(records, source=source, speed=config.source.speed, on_batch=progress)
-    finally:
-        monitor.close()
+    with _sigterm_as_interrupt():
+        monitor = Monitor(config, warn=warn)
+        try:
+            records, source = open_source(config, monitor.store, warn=warn)
+            shown = source or "stdin"
+            console.print(f"monitor: {shown} -> {config.store.path} ({len(config.rules)} rules)", highlight=False)
+            report = monitor.consume(records, source=source, speed=config.source.speed, on_batch=progress)
+        finally:
+            monitor.close()
     console.print(("stopped: " if report.interrupted else "done: ") + report.summary(), highlight=False)
     webhook = monitor.sinks.webhook()
     if webhook is not None:
@@ -117,9 +126,9 @@ def _replay(args: argparse.Namespace, config: MonitorConfig, console: Console) -
 
     if args.speed is not None and args.speed <= 0:
         raise TuneforgeError(f"--speed: must be above 0, got {args.speed}")
-    _sigterm_as_interrupt()
     sinks = build_sinks(config.sinks) if args.sinks else Sinks([])
-    result = replay(config, args.data, store_path=args.store, speed=args.speed, sinks=sinks, warn=_warner(console))
+    with _sigterm_as_interrupt():
+        result = replay(config, args.data, store_path=args.store, speed=args.speed, sinks=sinks, warn=_warner(console))
     out = Console(file=sys.stdout, width=200)
     out.print(alert_table(result.alerts, title=f"{len(result.alerts)} alerts in {args.data.name}"))
     plots_dir = args.plots or result.store_path.with_name(f"{result.store_path.stem}-plots")

@@ -93,6 +93,11 @@ class SourceConfig(_Section):
         "`lateness` older (windows close that much later).",
     )
     lateness: str | None = Field(None, description="accept: how late an item may be (default 15m).")
+    max_ahead: str | None = Field(
+        "1d",
+        description="Reject items stamped further ahead of the clock than this (a typo'd year would make every "
+        "later item late); None: no limit (e.g. a backtest of invented future dates).",
+    )
     speed: float | None = Field(
         None, gt=0.0, description="Replay pacing: stream seconds per wall second (60: an hour a minute); None: fast."
     )
@@ -120,9 +125,9 @@ class SourceConfig(_Section):
             raise ValueError(f"{name!r} does not write a newline as one byte; use utf-8 or latin-1")
         return name
 
-    @field_validator("lateness")
+    @field_validator("lateness", "max_ahead")
     @classmethod
-    def _lateness(cls, value: str | None) -> str | None:
+    def _durations(cls, value: str | None) -> str | None:
         return None if value is None else _duration(value, positive=False)
 
     @model_validator(mode="after")
@@ -140,6 +145,10 @@ class SourceConfig(_Section):
         if self.out_of_order == "reject":
             return 0.0
         return parse_duration(self.lateness) if self.lateness is not None else 900.0
+
+    @property
+    def max_ahead_seconds(self) -> float | None:
+        return None if self.max_ahead is None else parse_duration(self.max_ahead)
 
     @property
     def resolved_format(self) -> str:

@@ -56,6 +56,12 @@ class AliasMatcher:
     def __bool__(self) -> bool:
         return self.pattern is not None
 
+    def resolve(self, name: str) -> str:
+        """The entity an entity column's value stands for: an alias's entity (``Acme Corp`` -> ``ACME``), else
+        the value as written."""
+        cleaned = " ".join(name.split())
+        return self.exact.get(cleaned) or self.folded.get(cleaned.casefold()) or name
+
     def find(self, text: str) -> list[str]:
         """The entities named in ``text``, each once, in order of first mention."""
         if self.pattern is None:

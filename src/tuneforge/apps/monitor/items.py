@@ -105,7 +105,8 @@ def to_item(record: Record, columns: ColumnsConfig, zone: tzinfo, matcher: Alias
     item_id = str(raw_id).strip() if raw_id is not None and str(raw_id).strip() else content_id(ts, text)
     entities: dict[str, None] = {}
     if columns.entities:
-        entities.update(dict.fromkeys(split_entities(fields.get(columns.entities))))
+        named = split_entities(fields.get(columns.entities))
+        entities.update(dict.fromkeys(matcher.resolve(name) if matcher else name for name in named))
     if matcher:
         entities.update(dict.fromkeys(matcher.find(text)))
     entities.pop(OVERALL, None)

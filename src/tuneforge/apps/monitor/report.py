@@ -49,18 +49,21 @@ def plot_entity(store: Store, entity: str, window: str, alerts: Sequence[Alert],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    windows = series(store, entity, parse_duration(window), alpha=alpha)
-    times = [datetime.fromtimestamp(w.start, UTC) for w in windows]
+    size = parse_duration(window)
+    windows = series(store, entity, size, alpha=alpha)
+    # Values at the middle of their window; bars and shading span the window.
+    times = [datetime.fromtimestamp(w.start + size / 2, UTC) for w in windows]
+    starts = [datetime.fromtimestamp(w.start, UTC) for w in windows]
     fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(10, 7), sharex=True, height_ratios=[3, 2, 1.3])
     top.plot(times, [w.mean_signed for w in windows], ".", color="0.55", label="mean signed sentiment")
     top.plot(times, [w.index for w in windows], "-", color="tab:blue", label="smoothed index")
     top.axhline(0.0, color="0.8", linewidth=0.8)
     top.set_ylabel("sentiment")
-    top.legend(loc="lower left", fontsize=8)
-    middle.plot(times, [w.negative_share for w in windows], "-", color="tab:red")
+    top.legend(loc="best", fontsize=8)
+    middle.plot(times, [w.negative_share for w in windows], ".-", color="tab:red")
     middle.set_ylabel("negative share")
-    middle.set_ylim(0, 1)
-    bottom.bar(times, [w.volume for w in windows], width=parse_duration(window) / 86400 * 0.9, color="0.5")
+    middle.set_ylim(-0.03, 1.03)
+    bottom.bar(starts, [w.volume for w in windows], width=size / 86400 * 0.9, align="edge", color="0.5")
     bottom.set_ylabel("items")
     for alert in alerts:
         start, end = (datetime.fromtimestamp(t, UTC) for t in (alert.window_start, alert.window_end))

@@ -134,11 +134,17 @@ class Monitor:
                 rejected.append(Rejected(record.where, str(exc), raw=record.raw))
         known = self.store.known_ids(item.id for _, item in parsed)
         max_ts = self.store.get_state(MAX_TS_KEY)
+        ahead = self.config.source.max_ahead_seconds
+        now = time.time()
         fresh: list[Item] = []
         seen: set[str] = set()
         for record, item in parsed:
             if item.id in known or item.id in seen:
                 report.duplicates += 1
+                continue
+            if ahead is not None and item.ts > now + ahead:
+                reason = f"in the future: {iso(item.ts)} is {_duration(item.ts - now)} ahead of the clock"
+                rejected.append(Rejected(record.where, reason, id=item.id, raw=record.raw))
                 continue
             if max_ts is not None and item.ts < max_ts - self.lateness:
                 behind = max_ts - item.ts
