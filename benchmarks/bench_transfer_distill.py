@@ -54,6 +54,12 @@ def _tuneforge(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "tuneforge", *args], check=True)
 
 
+def _train(config: Path, out: Path) -> None:
+    """``tuneforge train``, resuming an interrupted run of the same output folder if there is one."""
+    resume = ["--resume"] if (out.with_name(out.name + ".partial") / "checkpoints").is_dir() else []
+    _tuneforge("train", str(config), "--no-progress", *resume)
+
+
 def _write_config(raw: dict[str, Any], path: Path) -> Path:
     import yaml
 
@@ -83,7 +89,7 @@ def make_teacher(timings: dict[str, float]) -> None:
         )
     raw = dataset("sst2").config(TEACHER, **TEACHER_OVERRIDES)
     config = _write_config(raw, WORK / "teacher.yaml")
-    _timed("teacher", timings, lambda: _tuneforge("train", str(config), "--no-progress", "--resume"))
+    _timed("teacher", timings, lambda: _train(config, TEACHER))
 
 
 def whole_sentences(train_file: Path) -> list[tuple[str, str]]:
@@ -177,9 +183,7 @@ def train_student(layers: int, seed: int, transfer: Path, epochs: int, tag: str,
         distill={"teacher": str(TEACHER), "alpha": 0.0, "transfer_data": {"file": str(transfer)}},
     )
     config = _write_config(raw, WORK / f"{out.name}.yaml")
-    _timed(
-        f"student{layers}_seed{seed}", timings, lambda: _tuneforge("train", str(config), "--no-progress", "--resume")
-    )
+    _timed(f"student{layers}_seed{seed}", timings, lambda: _train(config, out))
     return out
 
 
