@@ -377,6 +377,31 @@ def test_window_aggregates_per_entity_and_overall(tmp_path: Path) -> None:
     monitor.close()
 
 
+def test_the_query_api_a_dashboard_reads_beside_a_running_writer(tmp_path: Path) -> None:
+    monitor = keyword_monitor(
+        tmp_path, rules=RULES, entities={"aliases": {"ACME": "ACME"}}, source={"type": "stdin", "lateness": "0s"}
+    )
+    monitor.ingest([Record(row, "r") for row in stream_rows()])
+    with Store(tmp_path / "monitor.sqlite", readonly=True) as reader:  # its own connection; never blocks ingest
+        [acme, glbx] = reader.entities()
+        assert (acme.entity, glbx.entity) == ("ACME", "GLBX") and acme.volume > glbx.volume
+        assert reader.time_range("ACME") == (acme.first_ts, acme.last_ts)
+        negatives = reader.items(entity="ACME", sentiment="negative", order="oldest", limit=3)
+        assert len(negatives) == 3 and all(item.sentiment == "negative" for item in negatives)
+        assert [i.ts for i in negatives] == sorted(i.ts for i in negatives)
+        assert reader.items(limit=2, offset=1)[0].ts <= reader.items(limit=1)[0].ts
+        alerts = reader.alerts(limit=1000)
+        assert alerts == sorted(alerts, key=lambda a: (-a.window_start, -(a.id or 0)))
+        assert reader.alert(alerts[0].id) == alerts[0] and reader.alert(10**6) is None
+        assert reader.alerts(entity=OVERALL, rule="vol") == [a for a in alerts if a.entity == "*" and a.rule == "vol"]
+        assert alerts[0].to_dict()["window_start_time"].endswith("Z")
+        stats = reader.stats()
+        assert stats["items"] == monitor.store.item_count() and stats["alerts"] == len(alerts)
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            reader.set_state("x", 1)
+    monitor.close()
+
+
 # ---- rules on hand-made series ---------------------------------------------------------------------------
 
 

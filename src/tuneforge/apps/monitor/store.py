@@ -399,8 +399,7 @@ class Store:
     ) -> list[WindowCounts]:
         """Per entity and window (aligned on the epoch, UTC) in ``[start, end)``: volume, negative and positive
         counts, sum of signed sentiment. ``entities`` None: every entity and ``'*'`` (all items)."""
-        lo = -1.0 if start is None else start
-        hi = float("inf") if end is None else end
+        lo, hi = _bounds(start, end)
         wanted = None if entities is None else list(dict.fromkeys(entities))
         out: list[WindowCounts] = []
         bucket = "CAST(i.ts / :w AS INTEGER)"
@@ -447,10 +446,7 @@ class Store:
         }
         if order not in orders:
             raise TuneforgeError(f"order: one of {', '.join(orders)}, got {order!r}")
-        clauses, params = (
-            ["i.ts >= ?", "i.ts < ?"],
-            [(-1.0 if start is None else start), (float("inf") if end is None else end)],
-        )
+        clauses, params = ["i.ts >= ?", "i.ts < ?"], list(_bounds(start, end))
         source = "items i"
         if entity is not None and entity != OVERALL:
             source = "item_entities e JOIN items i ON i.id = e.item_id"
@@ -492,13 +488,7 @@ class Store:
     ) -> list[Alert]:
         """Alerts, newest window first, optionally for one entity (``'*'``: the overall series) or rule, with
         windows starting in ``[start, end)``."""
-        clauses, params = (
-            ["window_start >= ?", "window_start < ?"],
-            [
-                -1.0 if start is None else start,
-                float("inf") if end is None else end,
-            ],
-        )
+        clauses, params = ["window_start >= ?", "window_start < ?"], list(_bounds(start, end))
         if entity is not None:
             clauses.append("entity = ?")
             params.append(entity)
@@ -533,7 +523,10 @@ class Store:
 
     def stats(self) -> dict[str, Any]:
         """Counts for a status line or a health endpoint."""
-        one = lambda sql: self.conn.execute(sql).fetchone()[0]  # noqa: E731
+
+        def one(sql: str) -> int:
+            return int(self.conn.execute(sql).fetchone()[0])
+
         reasons = dict(
             self.conn.execute("SELECT reason, COUNT(*) FROM rejected GROUP BY reason ORDER BY COUNT(*) DESC")
         )
@@ -546,6 +539,11 @@ class Store:
             "offsets": dict(self.conn.execute("SELECT source, offset FROM source_offsets")),
             "time_range": self.time_range(),
         }
+
+
+def _bounds(start: float | None, end: float | None) -> tuple[float, float]:
+    """``[start, end)`` with open ends (stored times are never negative)."""
+    return (-1.0 if start is None else start, float("inf") if end is None else end)
 
 
 def _alert(row: Sequence[Any]) -> Alert:
