@@ -603,6 +603,16 @@ def test_webhook_gives_up_after_its_retries_and_does_not_retry_a_400(receiver: T
     assert sink.stats()["failed"] == 1 and len(receiver.calls) == 1  # type: ignore[attr-defined]
 
 
+def test_webhook_retries_a_timeout_then_gives_up(receiver: ThreadingHTTPServer) -> None:
+    receiver.release = threading.Event()  # type: ignore[attr-defined]  # the receiver never answers
+    sink = _webhook(receiver, retries=1, timeout=0.2)
+    sink.send(_alert(0))
+    _wait_for(lambda: sink.pending() == 0)
+    assert sink.stats() == {"sent": 0, "failed": 1, "dropped": 0, "retried": 1}
+    assert len(receiver.calls) == 2  # type: ignore[attr-defined]
+    sink.close(timeout=5)
+
+
 def test_a_stuck_webhook_never_stalls_ingest(receiver: ThreadingHTTPServer, tmp_path: Path) -> None:
     receiver.release = threading.Event()  # type: ignore[attr-defined]
     sink = _webhook(receiver, retries=1, queue_size=2, timeout=60)
