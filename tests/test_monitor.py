@@ -826,8 +826,9 @@ def test_replay_cli_prints_the_alert_table_and_writes_plots(
     plots = sorted((tmp_path / "monitor-replay-plots").glob("*.png"))
     assert plots and all(p.read_bytes().startswith(b"\x89PNG") for p in plots)
     assert "rejected" not in result.stderr.split("done:")[-1]
-    assert main(["monitor", "serve", str(tmp_path / "monitor.yaml")]) == 2
-    assert "not built yet" in capsys.readouterr().err
+    # monitor serve checks its options before it starts (its HTTP side: tests/test_monitor_serve.py).
+    assert main(["monitor", "serve", str(tmp_path / "monitor.yaml"), "--port", "70000"]) == 2
+    assert "--port: must be in 0..65535" in capsys.readouterr().err
 
 
 def test_run_cli_reads_csv_from_stdin_and_prints_alerts(

@@ -46,8 +46,34 @@ def add_monitor_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--speed", type=float, help="pace the replay: stream seconds per wall second (default: no pacing)")
     q.add_argument("--sinks", action="store_true", help="also send the alerts to the configured sinks")
 
-    q = monitor.add_parser("serve", help="the monitor with its HTTP API and dashboard (not built yet)")
+    q = monitor.add_parser(
+        "serve", help="the monitor with its HTTP API (POST /v1/ingest) and dashboard; reads the file source too"
+    )
     common(q)
+    q.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    q.add_argument("--port", type=int, default=8080)
+    q.add_argument("--api-only", action="store_true", help="do not read the configured file source; ingest over HTTP")
+    q.add_argument("--max-items", type=int, default=64, help="items per ingest request at most (else 422)")
+    q.add_argument("--max-chars", type=int, default=2000, help="characters per text at most (else 422)")
+    q.add_argument("--max-queue", type=int, default=1024, help="items waiting to be stored; beyond: 503 + Retry-After")
+    q.add_argument(
+        "--api-key",
+        help="require this key (Authorization: Bearer KEY or X-API-Key); visible in `ps`: prefer env "
+        "TUNEFORGE_API_KEY or --api-key-file",
+    )
+    q.add_argument("--api-key-file", type=Path, help="require the key written in this file (its first line)")
+    q.add_argument(
+        "--public-dashboard",
+        action="store_true",
+        help="with a key: the dashboard page stays open (it asks for the key; its API calls still need it)",
+    )
+    q.add_argument("--request-timeout", type=float, default=30.0, help="seconds an explanation may wait and run")
+    q.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish accepted work on shutdown")
+    q.add_argument("--root-path", default="", help="the prefix a reverse proxy serves this under (e.g. /monitor)")
+    q.add_argument(
+        "--cors-origin", dest="cors_origins", action="append", default=[], help="allow this browser origin (repeatable)"
+    )
+    q.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
 def _warner(console: Console) -> Callable[[str], None]:
@@ -88,9 +114,41 @@ def run_monitor_command(args: argparse.Namespace, console: Console) -> int:
         return _run(args, config, console)
     if args.monitor_command == "replay":
         return _replay(args, config, console)
-    raise TuneforgeError(
-        "monitor serve: not built yet (the HTTP API and dashboard come next); use monitor run or monitor replay"
+    return _serve(args, config, console)
+
+
+def _serve(args: argparse.Namespace, config: MonitorConfig, console: Console) -> int:
+    import os
+
+    from tuneforge.apps.monitor.server import monitor_serve_settings, run_monitor_server
+    from tuneforge.serve.settings import API_KEY_ENV, read_api_key_file
+
+    if args.api_key and args.api_key_file:
+        raise TuneforgeError("--api-key-file: give the key once, either it or --api-key")
+    # Checked here, not by the settings, whose messages name `tuneforge serve`'s --max-texts.
+    if args.max_items < 1:
+        raise TuneforgeError("--max-items: must be at least 1")
+    if args.max_queue < args.max_items:
+        raise TuneforgeError(
+            f"--max-queue: must be at least --max-items ({args.max_items}), or a full request never fits"
+        )
+    api_key = args.api_key or (read_api_key_file(args.api_key_file) if args.api_key_file else None)
+    settings = monitor_serve_settings(
+        config,
+        host=args.host,
+        port=args.port,
+        max_texts_per_request=args.max_items,
+        max_chars=args.max_chars,
+        max_queue=args.max_queue,
+        api_key=api_key or os.environ.get(API_KEY_ENV) or None,
+        public_docs=args.public_dashboard,
+        cors_origins=tuple(args.cors_origins),
+        request_timeout_s=args.request_timeout,
+        drain_timeout_s=args.drain_timeout,
+        root_path=args.root_path,
+        log_level=args.log_level,
     )
+    return run_monitor_server(config, settings, read_source=not args.api_only, console=console)
 
 
 def _run(args: argparse.Namespace, config: MonitorConfig, console: Console) -> int:

@@ -19,6 +19,8 @@ from tuneforge.apps.monitor.entities import AliasMatcher, split_entities
 
 # Entity name of the series of all items together.
 OVERALL = "*"
+# 9999-12-31T23:59:59Z: the last second a timestamp can be written as a date (a later one cannot be shown).
+MAX_TIMESTAMP = 253402300799.0
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ def parse_timestamp(value: Any, zone: tzinfo) -> float:
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=zone)
             seconds = moment.timestamp()
-    if not math.isfinite(seconds) or seconds < 0:
+    if not math.isfinite(seconds) or seconds < 0 or seconds > MAX_TIMESTAMP:
         raise BadItem(f"timestamp out of range: {value!r}")
     return seconds
 

@@ -43,6 +43,8 @@ class IngestReport:
     rejected: Counter[str] = field(default_factory=Counter)
     alerts: list[Alert] = field(default_factory=list)
     interrupted: bool = False
+    # Each rejected record with where it was and why (the HTTP API answers them per item).
+    rejections: list[Rejected] = field(default_factory=list)
 
     def add(self, other: IngestReport) -> None:
         self.received += other.received
@@ -50,6 +52,7 @@ class IngestReport:
         self.duplicates += other.duplicates
         self.rejected.update(other.rejected)
         self.alerts += other.alerts
+        self.rejections += other.rejections
 
     def summary(self) -> str:
         rejected = sum(self.rejected.values())
@@ -170,6 +173,7 @@ class Monitor:
             if max_ts is not None:
                 self.store.set_state(MAX_TS_KEY, max_ts)
                 report.alerts = self.evaluator.advance(max_ts - self.lateness)
+        report.rejections = rejected
         for one in rejected:
             report.rejected[_reason_kind(one.reason)] += 1
             self.warn(f"{one.where}: rejected: {one.reason}")

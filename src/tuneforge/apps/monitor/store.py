@@ -9,7 +9,9 @@ by rule, entity, window and window start, so evaluating a window again never rai
 Reading (for a dashboard or an API): ``entities``, ``time_range``, ``window_counts`` (per entity and
 window, raw sums; :func:`tuneforge.apps.monitor.aggregate.series` turns them into the dense series with
 shares and the smoothed index), ``items``, ``alerts``, ``alert``, ``alert_items``, ``rejected`` and
-``stats``. Open a reader with ``Store(path, readonly=True)``; it never blocks the writer.
+``stats``. Open a reader with ``Store(path, readonly=True)``; it never blocks the writer. Window sums kept
+beside the items (:mod:`tuneforge.apps.monitor.rollup`, same transaction) let a dashboard read a series in
+time that does not grow with the item count (:mod:`tuneforge.apps.monitor.views`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from tuneforge.apps.monitor import rollup
 from tuneforge.apps.monitor.items import OVERALL, Item, Rejected, iso
 from tuneforge.errors import ConfigError, TuneforgeError
 
@@ -52,6 +55,8 @@ CREATE TABLE IF NOT EXISTS item_entities (
     PRIMARY KEY (item_id, entity)
 );
 CREATE INDEX IF NOT EXISTS item_entities_entity_ts ON item_entities (entity, ts);
+-- Closing a window reads every entity's items in it: by time, not a scan of the whole table.
+CREATE INDEX IF NOT EXISTS item_entities_ts ON item_entities (ts);
 CREATE TABLE IF NOT EXISTS source_offsets (source TEXT PRIMARY KEY, offset INTEGER NOT NULL, updated_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS rejected (
     id INTEGER PRIMARY KEY,
@@ -83,6 +88,7 @@ CREATE TABLE IF NOT EXISTS alerts (
     dispatched INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS alerts_entity_start ON alerts (entity, window_start);
+CREATE INDEX IF NOT EXISTS alerts_start ON alerts (window_start);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -202,6 +208,8 @@ class Store:
                 self.conn.executescript(_SCHEMA)
             self.conn.execute("PRAGMA busy_timeout=10000")
             self._check_schema()
+            if not readonly:
+                rollup.ensure(self.conn)
         except sqlite3.DatabaseError as exc:
             raise TuneforgeError(f"{self.path}: not a usable monitor store ({exc})") from None
         self._in_transaction = False
@@ -271,6 +279,7 @@ class Store:
         """Store items not stored yet (an id seen before is ignored, entities included); how many were new."""
         now = time.time()
         inserted = 0
+        stored: list[tuple[tuple[str, ...], float, str, float]] = []
         for one in scored:
             item = one.item
             cursor = self.conn.execute(
@@ -291,10 +300,12 @@ class Store:
             )
             if cursor.rowcount:
                 inserted += 1
+                stored.append((item.entities, item.ts, one.sentiment, one.signed))
                 self.conn.executemany(
                     "INSERT OR IGNORE INTO item_entities VALUES (?, ?, ?)",
                     [(item.id, entity, item.ts) for entity in item.entities],
                 )
+        rollup.add(self.conn, stored)
         return inserted
 
     def add_rejected(self, rejected: Sequence[Rejected], source: str | None) -> None:
