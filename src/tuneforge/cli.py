@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify texts with a run directory")
     p.add_argument("run_dir", type=Path)
     p.add_argument("texts", nargs="*", help="texts to classify")
-    p.add_argument("--file", type=Path, help="a .txt file (one text per line) or a CSV/TSV/JSONL/Parquet file")
+    # A string, not a Path: with --ray it may be a glob or an s3:// URI, which Path would mangle (s3:/).
+    p.add_argument("--file", help="a .txt file (one text per line) or a CSV/TSV/JSONL/Parquet file")
     p.add_argument("--text-column", default="text")
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -106,8 +107,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=1024, help="texts read and classified at a time with --out")
     p.add_argument("--encoding", default="utf-8", help="encoding of --file with --out (default utf-8)")
     p.add_argument("--form", choices=["auto", "model", "adapter", "onnx"], default="auto", help="which saved model")
-    p.add_argument("--threads", type=int, help="CPU threads for the model")
+    p.add_argument("--threads", type=int, help="CPU threads for the model (with --ray: per actor)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="with --out DIR: classify --file (a path, glob or s3:// URI) on Ray into Parquet parts in DIR; "
+        "on this machine's cores, or on the cluster at ADDRESS (needs pip install 'tuneforge[ray]')",
+    )
+    p.add_argument("--actors", type=int, help="with --ray: model copies working at once (default: one per CPU)")
 
     p = sub.add_parser("serve", help="serve a run directory over HTTP (dynamic batching, metrics, playground)")
     p.add_argument("run_dir", type=Path)
@@ -321,6 +331,36 @@ def _cmd_predict_stream(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_predict_ray(args: argparse.Namespace, console: Console) -> int:
+    from tuneforge.infer.ray_predict import predict_with_ray
+
+    if not args.file or not args.out:
+        raise TuneforgeError("--ray: needs --file FILE_OR_GLOB and --out DIR")
+    if args.texts or args.json:
+        raise TuneforgeError("--ray: texts as arguments and --json are not for --ray (it writes Parquet into --out)")
+    result = predict_with_ray(
+        args.run_dir,
+        args.file,
+        args.out,
+        address=None if args.ray == "local" else args.ray,
+        actors=args.actors,
+        threads=args.threads,
+        top_k=args.top_k,
+        batch_size=args.chunk_size,
+        text_column=args.text_column,
+        encoding=args.encoding,
+        form=args.form,
+        show_progress=not args.no_progress,
+        console=console,
+    )
+    console.print(
+        f"wrote {result.rows:,} predictions from {result.files:,} file(s) to {result.out} in {result.parts} part(s) "
+        f"({result.texts_per_second:,.1f} texts/s, {result.actors} actor(s) x {result.threads} thread(s))",
+        highlight=False,
+    )
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace, console: Console) -> int:
     from tuneforge.infer.predictor import Predictor
 
@@ -328,11 +368,15 @@ def _cmd_predict(args: argparse.Namespace, console: Console) -> int:
         raise TuneforgeError("--top-k: must be at least 1")
     if args.threads is not None and args.threads < 1:
         raise TuneforgeError("--threads: must be at least 1")
+    if args.ray:
+        return _cmd_predict_ray(args, console)
+    if args.actors is not None:
+        raise TuneforgeError("--actors: only with --ray")
     if args.out:
         return _cmd_predict_stream(args, console)
     texts = list(args.texts)
     if args.file:
-        texts += _read_texts(args.file, args.text_column)
+        texts += _read_texts(Path(args.file), args.text_column)
     if not texts:
         raise TuneforgeError("predict: give texts as arguments or --file FILE")
     predictor = Predictor(args.run_dir, threads=args.threads, form=args.form)
