@@ -394,10 +394,15 @@ class Store:
 
     def time_range(self, entity: str | None = None) -> tuple[float, float] | None:
         """First and last item times of ``entity`` (``None`` or ``'*'``: all items); ``None`` when it has none."""
+        # Two subqueries: SQLite answers a lone MIN or MAX from the index's ends, but MIN and MAX together by a scan.
         if entity is None or entity == OVERALL:
-            row = self.conn.execute("SELECT MIN(ts), MAX(ts) FROM items").fetchone()
+            row = self.conn.execute("SELECT (SELECT MIN(ts) FROM items), (SELECT MAX(ts) FROM items)").fetchone()
         else:
-            row = self.conn.execute("SELECT MIN(ts), MAX(ts) FROM item_entities WHERE entity = ?", (entity,)).fetchone()
+            row = self.conn.execute(
+                "SELECT (SELECT MIN(ts) FROM item_entities WHERE entity = ?1), "
+                "(SELECT MAX(ts) FROM item_entities WHERE entity = ?1)",
+                (entity,),
+            ).fetchone()
         return None if row is None or row[0] is None else (float(row[0]), float(row[1]))
 
     def window_counts(

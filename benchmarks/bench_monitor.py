@@ -1,0 +1,389 @@
+"""Monitor benchmark (issue 18): does it alert on real turns, how fast, how fast does it ingest, and do the
+dashboard's queries stay fast over a million stored items.
+
+``split``: a seeded 80/20 split of Financial PhraseBank (50Agree) into ``train.csv`` and ``heldout.csv`` under
+``benchmarks/results/monitor/`` (the data is CC BY-NC-SA 3.0, for research only: it stays in the gitignored
+results folder and never enters the project). Train a sentiment run on ``train.csv`` with ``tuneforge train``.
+
+``detection --run RUN``: a synthetic stream of held-out sentences (never seen in training) for ``--entities``
+invented companies over ``--days`` days, each company at its own steady hourly rate with the held-out label
+mix, and ``--events`` injected turns (a company's volume x3 and 70% of its items negative for 3-8 hours).
+The stream goes through the monitor (scoring with RUN included): end-to-end items/s; then, per rule, the
+precision of its company alerts (an alert is right when its window overlaps a turn of that company, up to one
+window after it ends), its recall on the turns and its delay (the end of the first alerting window minus the
+turn's start: when the alert can be raised).
+
+``queries``: a store of ``--items`` (default 1,000,000) synthetic scored items over 200 companies and 60 days,
+plus alerts, written through the store's ingest path (window sums included); the monitor's server on it, and
+``--requests`` requests of each dashboard query over HTTP: p50, p95 and max latency (the target: p95 <= 200 ms).
+
+Results are appended to ``benchmarks/results/monitor.jsonl``.
+
+    python benchmarks/bench_monitor.py split
+    tuneforge train ...                      # on benchmarks/results/monitor/fpb-seed0/train.csv
+    python benchmarks/bench_monitor.py detection --run runs/fpb-sentiment
+    python benchmarks/bench_monitor.py queries --items 1000000
+    python benchmarks/bench_monitor.py --smoke   # invented sentences, a keyword scorer, 20k items: plumbing only
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import random
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench_data import DATA_DIR, RESULTS_DIR, append_result
+from tuneforge.apps.monitor.config import MonitorConfig, parse_duration, validate_monitor_config
+from tuneforge.apps.monitor.items import Item, Record
+from tuneforge.apps.monitor.runner import Monitor
+from tuneforge.apps.monitor.sinks import Sinks
+from tuneforge.apps.monitor.store import Alert, ScoredItem, Store
+
+RESULTS = RESULTS_DIR / "monitor.jsonl"
+WORK = RESULTS_DIR / "monitor"
+FPB = DATA_DIR / "financial_phrasebank" / "sentences_50agree.csv"
+T0 = datetime(2025, 1, 6, tzinfo=UTC).timestamp()  # a Monday, 00:00 UTC
+HOUR = 3600.0
+TURN_NEGATIVE_SHARE, TURN_VOLUME = 0.7, 3.0
+RULES: list[dict[str, Any]] = [
+    {"name": "negative-share", "type": "negative_share", "window": "6h", "threshold": 0.5, "min_volume": 6},
+    {"name": "sentiment-drop", "type": "ewma_zscore", "window": "1h", "field": "mean_signed", "z": 3.0,
+     "alpha": 0.1, "min_history": 12, "direction": "down", "min_std": 0.05, "min_volume": 3},
+    {"name": "sentiment-shift", "type": "cusum", "window": "1h", "field": "mean_signed", "k": 0.5, "h": 5.0,
+     "min_history": 12, "direction": "down", "min_std": 0.05, "min_volume": 1},
+    {"name": "volume-spike", "type": "ewma_zscore", "window": "1h", "field": "volume", "z": 4.0, "alpha": 0.1,
+     "min_history": 12, "direction": "up", "min_std": 1.0, "min_volume": 0},
+]  # fmt: skip
+SMOKE_SENTENCES = {
+    "positive": ["Profit rose clearly good", "Sales grew good", "Orders climbed good"],
+    "negative": ["Profit fell bad", "The outlook was cut bad", "Losses widened bad"],
+    "neutral": ["The meeting is on Monday", "The company has offices in two cities", "Results come in May"],
+}
+
+
+class KeywordScorer:
+    """No model: 'good' is positive, 'bad' negative (for --smoke and the query store)."""
+
+    def identity(self) -> dict[str, Any]:
+        return {"scorer": "keywords"}
+
+    def score(self, items: Sequence[Item]) -> list[ScoredItem]:
+        out = []
+        for item in items:
+            if "bad" in item.text:
+                out.append(ScoredItem(item, "negative", 0.9, 0.05, 0.9, "negative"))
+            elif "good" in item.text:
+                out.append(ScoredItem(item, "positive", 0.8, 0.8, 0.1, "positive"))
+            else:
+                out.append(ScoredItem(item, "neutral", 0.6, 0.2, 0.2, "neutral"))
+        return out
+
+
+# ---- the held-out split ------------------------------------------------------------------------------------
+
+
+def split(seed: int) -> Path:
+    folder = WORK / f"fpb-seed{seed}"
+    if (folder / "heldout.csv").is_file():
+        return folder
+    if not FPB.is_file():
+        raise SystemExit(f"{FPB}: not found; set TUNEFORGE_DATA_DIR to the folder holding financial_phrasebank/")
+    with FPB.open(encoding="utf-8", newline="") as handle:
+        rows = [(row["text"], row["label"]) for row in csv.DictReader(handle)]
+    unique = list(dict.fromkeys(rows))  # the release repeats a few sentences: none on both sides
+    random.Random(seed).shuffle(unique)
+    cut = int(len(unique) * 0.8)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train.csv", unique[:cut]), ("heldout.csv", unique[cut:])):
+        with (folder / name).open("w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "label"])
+            writer.writerows(part)
+    print(f"wrote {folder}/train.csv ({cut} rows) and heldout.csv ({len(unique) - cut} rows)")
+    return folder
+
+
+def heldout_sentences(seed: int) -> dict[str, list[str]]:
+    with (split(seed) / "heldout.csv").open(encoding="utf-8", newline="") as handle:
+        by_label: dict[str, list[str]] = {}
+        for row in csv.DictReader(handle):
+            by_label.setdefault(row["label"], []).append(row["text"])
+    return by_label
+
+
+# ---- detection ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Turn:
+    entity: str
+    start: float
+    end: float
+
+
+def synthetic_stream(
+    sentences: dict[str, list[str]], *, entities: int, days: int, events: int, seed: int
+) -> tuple[list[dict[str, Any]], list[Turn]]:
+    """Items of ``entities`` invented companies, each at a steady Poisson rate, with ``events`` turns injected."""
+    rng = random.Random(seed)
+    names = [f"CO{i:02d}" for i in range(entities)]
+    rates = {name: rng.uniform(2.0, 6.0) for name in names}
+    hours = days * 24
+    turns = []
+    for k in range(events):
+        start_hour = rng.randrange(72, hours - 12)  # three days of baseline first
+        turns.append(Turn(names[k % entities], T0 + start_hour * HOUR, T0 + (start_hour + rng.randint(3, 8)) * HOUR))
+    pool = [(label, text) for label, texts in sentences.items() for text in texts]
+    rows = []
+    for name in names:
+        for hour in range(hours):
+            at = T0 + hour * HOUR
+            turning = any(t.entity == name and t.start <= at < t.end for t in turns)
+            rate = rates[name] * (TURN_VOLUME if turning else 1.0)
+            for _ in range(_poisson(rng, rate)):
+                if turning and rng.random() < TURN_NEGATIVE_SHARE:
+                    text = rng.choice(sentences["negative"])
+                else:
+                    text = rng.choice(pool)[1]
+                ts = at + rng.uniform(0, HOUR)
+                rows.append({"id": f"{name}-{len(rows)}", "timestamp": ts, "text": text, "entities": [name]})
+    rows.sort(key=lambda row: row["timestamp"])
+    return rows, turns
+
+
+def _poisson(rng: random.Random, rate: float) -> int:
+    limit, k, product = math.exp(-rate), 0, rng.random()
+    while product > limit:
+        k += 1
+        product *= rng.random()
+    return k
+
+
+def score_rules(config: MonitorConfig, alerts: list[Alert], turns: list[Turn]) -> dict[str, Any]:
+    """Per rule: precision of its company alerts, recall on the turns, delay to the first alert of each turn."""
+    out: dict[str, Any] = {}
+    for rule in config.rules:
+        size = parse_duration(str(rule.window))
+        mine = [a for a in alerts if a.rule == rule.name and a.entity != "*"]
+
+        def matches(alert: Alert, turn: Turn, size: float = size) -> bool:
+            return (
+                alert.entity == turn.entity and alert.window_start < turn.end + size and alert.window_end > turn.start
+            )
+
+        right = [a for a in mine if any(matches(a, t) for t in turns)]
+        delays = []
+        for turn in turns:
+            found = [a.window_end for a in mine if matches(a, turn)]
+            if found:
+                delays.append((min(found) - turn.start) / HOUR)
+        out[str(rule.name)] = {
+            "alerts": len(mine),
+            "precision": round(len(right) / len(mine), 3) if mine else None,
+            "recall": round(len(delays) / len(turns), 3) if turns else None,
+            "median_delay_h": round(statistics.median(delays), 2) if delays else None,
+            "max_delay_h": round(max(delays), 2) if delays else None,
+        }
+    return out
+
+
+def detection(args: argparse.Namespace) -> dict[str, Any]:
+    sentences = SMOKE_SENTENCES if args.smoke else heldout_sentences(args.seed)
+    rows, turns = synthetic_stream(
+        sentences, entities=args.entities, days=args.days, events=args.events, seed=args.seed
+    )
+    folder = Path(tempfile.mkdtemp(prefix="bench-monitor-"))
+    raw: dict[str, Any] = {
+        "scoring": {"run": str(args.run or "unused"), "batch_size": 64, "threads": args.threads},
+        "store": {"path": str(folder / "monitor.sqlite")},
+        "source": {"type": "stdin", "lateness": "0s"},
+        "windows": ["1h", "6h"],
+        "cooldown": "12h",
+        "rules": RULES,
+        "sinks": {"stdout": False},
+    }
+    config = validate_monitor_config(raw)
+    scorer = KeywordScorer() if args.smoke else None
+    monitor = Monitor(config, scorer=scorer, sinks=Sinks([]))
+    records = [Record(row, f"row {i}") for i, row in enumerate(rows)]
+    started = time.perf_counter()
+    report = monitor.consume(records)
+    seconds = time.perf_counter() - started
+    report.alerts += monitor.finish()
+    alerts = monitor.store.alerts(limit=1_000_000)
+    monitor.close()
+    result = {
+        "part": "detection",
+        "items": len(rows),
+        "stored": report.stored,
+        "turns": len(turns),
+        "items_per_s": round(len(rows) / seconds, 1),
+        "rules": score_rules(config, alerts, turns),
+    }
+    print(result)
+    return result
+
+
+# ---- dashboard queries over a big store --------------------------------------------------------------------
+
+
+def build_store(path: Path, items: int, *, days: int, seed: int) -> float:
+    """``items`` synthetic scored items (and alerts) through the store's ingest path; seconds taken."""
+    rng = random.Random(seed)
+    names = [f"CO{i:03d}" for i in range(200)]
+    weights = [1.0 / (k + 1) for k in range(len(names))]  # a few busy companies, a long tail
+    span = days * 86400.0
+    store = Store(path)
+    store.check_scoring(KeywordScorer().identity())
+    started = time.perf_counter()
+    done = 0
+    while done < items:
+        with store.transaction():
+            for _ in range(200):
+                batch = []
+                for _ in range(min(64, items - done)):
+                    ts = T0 + span * done / items
+                    chosen = tuple(dict.fromkeys(rng.choices(names, weights, k=rng.choice((0, 1, 1, 2)))))
+                    mood = rng.choices(("good", "bad", "flat"), (0.3, 0.12, 0.58))[0]
+                    batch.append(Item(f"item-{done}", ts, f"{mood} news {done}", chosen))
+                    done += 1
+                store.insert_items(KeywordScorer().score(batch), "bench")
+                if done >= items:
+                    break
+    with store.transaction():
+        for k in range(2000):
+            entity = rng.choices(names, weights)[0] if k % 10 else "*"
+            start = T0 + rng.randrange(int(span // HOUR)) * HOUR
+            store.insert_alert(
+                Alert("bench", "negative_share", entity, "1h", start, start + HOUR, "negative_share", 0.8, 0.5, "bench")
+            )
+    store.close()
+    return time.perf_counter() - started
+
+
+def queries(args: argparse.Namespace) -> dict[str, Any]:
+    import httpx
+    import uvicorn
+
+    from tuneforge.apps.monitor.server import create_monitor_app, monitor_serve_settings
+
+    items = 20_000 if args.smoke else args.items
+    requests = 20 if args.smoke else args.requests
+    folder = Path(tempfile.mkdtemp(prefix="bench-monitor-queries-"))
+    build_seconds = build_store(folder / "monitor.sqlite", items, days=60, seed=args.seed)
+    raw = {
+        "scoring": {"run": "unused"},
+        "store": {"path": str(folder / "monitor.sqlite")},
+        "source": {"type": "stdin"},
+        "windows": ["1h", "1d"],
+        "sinks": {"stdout": False},
+    }
+    config = validate_monitor_config(raw)
+    app = create_monitor_app(
+        config,
+        monitor_serve_settings(config),
+        monitor_factory=lambda c, s: Monitor(c, store=s, scorer=KeywordScorer(), sinks=Sinks([])),
+        read_source=False,
+    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning"))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{args.port}"
+    rng = random.Random(args.seed)
+    latencies: dict[str, list[float]] = {}
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            while True:
+                try:
+                    if client.get("/ready").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+            alert_ids = [a["id"] for a in client.get("/v1/alerts", params={"limit": 1000}).json()["alerts"]]
+            names = [e["entity"] for e in client.get("/v1/entities", params={"limit": 200}).json()["entities"]]
+            kinds = {
+                "stats": lambda: ("/v1/stats", {}),
+                "entities": lambda: ("/v1/entities", {"window": "1h", "points": 24, "limit": 50}),
+                "series_all_1h": lambda: ("/v1/series", {"entity": "*", "window": "1h"}),
+                "series_entity_1h": lambda: ("/v1/series", {"entity": rng.choice(names), "window": "1h"}),
+                "series_entity_1d": lambda: ("/v1/series", {"entity": rng.choice(names), "window": "1d"}),
+                "alerts": lambda: ("/v1/alerts", {"limit": 100}),
+                "alerts_entity": lambda: ("/v1/alerts", {"entity": rng.choice(names)}),
+                "alert_items": lambda: (f"/v1/alerts/{rng.choice(alert_ids)}/items", {"limit": 20}),
+            }
+            for kind, make in kinds.items():
+                times = []
+                for _ in range(requests):
+                    path, params = make()
+                    started = time.perf_counter()
+                    response = client.get(path, params=params)
+                    times.append((time.perf_counter() - started) * 1000)
+                    response.raise_for_status()
+                latencies[kind] = times
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+    summary = {
+        kind: {
+            "p50_ms": round(statistics.median(times), 2),
+            "p95_ms": round(sorted(times)[max(0, math.ceil(0.95 * len(times)) - 1)], 2),
+            "max_ms": round(max(times), 2),
+        }
+        for kind, times in latencies.items()
+    }
+    result = {
+        "part": "queries",
+        "items": items,
+        "store_mb": round((folder / "monitor.sqlite").stat().st_size / 2**20, 1),
+        "build_items_per_s": round(items / build_seconds, 1),
+        "requests_per_query": requests,
+        "latency": summary,
+        "worst_p95_ms": max(s["p95_ms"] for s in summary.values()),
+    }
+    print(result)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", nargs="?", choices=["split", "detection", "queries"], help="default with --smoke: both")
+    parser.add_argument("--run", type=Path, help="detection: a sentiment run trained on the split's train.csv")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--entities", type=int, default=20, help="detection: invented companies")
+    parser.add_argument("--days", type=int, default=14, help="detection: days of stream")
+    parser.add_argument("--events", type=int, default=12, help="detection: injected turns")
+    parser.add_argument("--threads", type=int, help="detection: CPU threads for the model")
+    parser.add_argument("--items", type=int, default=1_000_000, help="queries: items in the store")
+    parser.add_argument("--requests", type=int, default=200, help="queries: requests per kind of query")
+    parser.add_argument("--port", type=int, default=8765, help="queries: the server's port")
+    parser.add_argument("--smoke", action="store_true", help="invented sentences, no model, small sizes: plumbing")
+    args = parser.parse_args()
+    if args.smoke:
+        args.entities, args.days, args.events = 4, 6, 2
+    if args.part == "split":
+        split(args.seed)
+        return
+    if args.part == "detection" and args.run is None and not args.smoke:
+        raise SystemExit("detection: give --run (a sentiment run trained on the split's train.csv; see `split`)")
+    parts = [args.part] if args.part else (["detection", "queries"] if args.smoke else [])
+    if not parts:
+        raise SystemExit("give a part: split, detection or queries (or --smoke)")
+    for part in parts:
+        result = detection(args) if part == "detection" else queries(args)
+        append_result(RESULTS, {**result, "smoke": args.smoke, "seed": args.seed, "run": str(args.run or "")})
+
+
+if __name__ == "__main__":
+    main()
