@@ -601,8 +601,8 @@ def prepare(config: MonitorConfig, settings: ServeSettings) -> None:
     settings.validate()
     run = open_run_dir(config.scoring.run)
     label_roles(run.labels(), config.scoring.labels, run.path)
-    Store(config.store.path).close()  # made (or checked, and its window sums built) before clients come
     _check_port(settings.host, settings.port)
+    Store(config.store.path).close()  # made (or checked, and its window sums built) before clients come
 
 
 def run_monitor_server(
