@@ -9,8 +9,10 @@ another:
   actor, for each N of ``--actors`` (default 1 and 2).
 
 Reported per configuration: wall seconds of the whole command (start-up, Ray's start, model loads
-and writing included) and rows/s over it, the rows/s the command itself prints (from its first
-batch to its last row), the peak RSS of the command's own process and, for Ray, of each actor
+and writing included) and rows/s over it; the texts/s the command itself prints (one process: after
+the model is loaded; Ray: the whole run, actors' start included) and, for Ray, from ``DIR/_tuneforge.json``
+the start-up seconds (until the first answers) and the "steady" texts/s after them; the peak RSS of
+the command's own process and, for Ray, of each actor
 (``VmHWM`` from ``/proc``, polled every ``--poll`` seconds while it runs; an actor's last reading is
 its peak up to then, which for a process that lives until the end is its peak). The Ray outputs'
 labels are compared with the one-process output's, row by row. Records are appended to
@@ -134,6 +136,7 @@ class MemoryWatch:
 def run_command(argv: list[str], poll: float) -> dict[str, Any]:
     """Run one ``tuneforge`` command in a fresh process; wall time, its printed rate and peak memory."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env["COLUMNS"] = "400"  # rich wraps the summary line at 80 columns otherwise
     with tempfile.TemporaryFile("w+", encoding="utf-8") as log:
         start = time.perf_counter()
         child = subprocess.Popen(
@@ -148,9 +151,10 @@ def run_command(argv: list[str], poll: float) -> dict[str, Any]:
         stderr = log.read()
     if code != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({code}):\n{stderr[-3000:]}")
-    rate = re.search(r"\(([\d,.]+) texts/s", stderr)
+    rate = re.search(r"\(([\d,.]+)\s+texts/s", stderr)
     return {
         "wall_s": round(wall, 1),
+        # one process: from the model loaded to the last row; Ray: the whole run, actors' start included
         "reported_texts_per_s": float(rate.group(1).replace(",", "")) if rate else None,
         # the command's own process (polled); wait4's figure is the largest of it and the children it waited for
         "main_peak_rss_mb": round(watch.main_mb, 1),
@@ -214,6 +218,10 @@ def main() -> None:
             argv = [*predict, "--out", str(out), "--ray", "--actors", str(actors), "--threads", str(threads)]
             result = run_command([*argv, "--no-progress"], args.poll)
             labels, rows = labels_of_parquet(out)
+            manifest = json.loads((out / "_tuneforge.json").read_text(encoding="utf-8"))
+            result["startup_s"] = manifest["startup_seconds"]
+            result["steady_texts_per_s"] = manifest["steady_texts_per_second"]
+            result["rows_per_actor"] = sorted(manifest["rows_per_actor"].values())
             agree = sum(a == b for a, b in zip(labels, reference, strict=False)) / max(1, len(reference))
             record = {**common, "config": f"ray-{actors}", "actors": actors, "threads": threads, **result}
             record["rows_per_s"] = round(args.rows / result["wall_s"], 1)

@@ -89,6 +89,7 @@ def test_every_row_once_in_order_with_the_one_process_answers(
     )
     assert (result.rows, result.files, result.actors, result.threads) == (N_CSV + N_JSONL, 2, 2, 1)
     assert len(result.rows_per_actor) == 2 and all(n > 0 for n in result.rows_per_actor.values())  # a pool
+    assert sum(result.rows_per_actor.values()) == result.rows
     parts = sorted(p.name for p in out.glob("*.parquet"))
     assert parts == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]  # 128 + 128 + 44 rows
     records = _read_out(out)
@@ -191,6 +192,8 @@ def test_out_must_be_new_empty_or_an_earlier_output(tmp_path: Path) -> None:
     (tmp_path / "file.parquet").write_text("x")
     with pytest.raises(TuneforgeError, match="not a folder"):
         check_out_dir(tmp_path / "file.parquet")
+    with pytest.raises(TuneforgeError, match="drop --ray"):
+        check_out_dir(tmp_path / "preds.csv")
 
 
 def test_pack_leaves_the_resume_checkpoints_out(tmp_path: Path) -> None:

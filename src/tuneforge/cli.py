@@ -355,7 +355,8 @@ def _cmd_predict_ray(args: argparse.Namespace, console: Console) -> int:
     )
     console.print(
         f"wrote {result.rows:,} predictions from {result.files:,} file(s) to {result.out} in {result.parts} part(s) "
-        f"({result.texts_per_second:,.1f} texts/s, {result.actors} actor(s) x {result.threads} thread(s))",
+        f"with {result.actors} actor(s) x {result.threads} thread(s) in {result.seconds:,.1f} s "
+        f"({result.texts_per_second:,.1f} texts/s, the actors' start-up of {result.startup_seconds:,.1f} s included)",
         highlight=False,
     )
     return 0

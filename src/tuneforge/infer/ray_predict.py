@@ -36,6 +36,7 @@ import socket
 import tarfile
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -46,7 +47,7 @@ import numpy as np
 from tuneforge.errors import DataError, TuneforgeError
 from tuneforge.files import atomic_replace_dir, atomic_write_json
 from tuneforge.infer.predictor import Prediction, Predictor
-from tuneforge.infer.stream import DEFAULT_CHUNK_SIZE, TextSource, input_format
+from tuneforge.infer.stream import DEFAULT_CHUNK_SIZE, OUTPUT_FORMATS, TextSource, input_format
 from tuneforge.rundir import CHECKPOINT_DIR, open_run_dir
 
 MANIFEST_FILE = "_tuneforge.json"
@@ -66,8 +67,10 @@ class RayPredictResult:
     parts: int
     actors: int
     threads: int
-    seconds: float
+    seconds: float  # all of it: the actors' start (each loads the run) included
+    startup_seconds: float  # until the first answers came back
     rows_per_actor: dict[str, int]  # "host:pid" of each actor: how the work was spread
+    steady_texts_per_second: float = 0.0  # from the first answers to the last: the pool at work
 
     @property
     def texts_per_second(self) -> float:
@@ -271,6 +274,11 @@ class PredictorActor:
 
 def check_out_dir(out: Path) -> None:
     """``--out`` is replaced only if missing, empty, or an earlier output of this command."""
+    if out.suffix.lower() in OUTPUT_FORMATS:
+        raise TuneforgeError(
+            f"--out: with --ray, --out names a folder for Parquet parts, not a {out.suffix} file; "
+            "drop --ray to write one file"
+        )
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise TuneforgeError(f"--out: {out} exists and is not a folder; with --ray, --out names a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
@@ -331,6 +339,9 @@ class _PartWriter:
         self._last: tuple[int, int] = (-1, 0)
         self._names: Any = None
         self.rows_per_actor: dict[str, int] = {}
+        self.first_at: float | None = None  # perf_counter when the first answers came, and how many
+        self.first_rows = 0
+        self.last_at = 0.0
 
     def write(self, batch: Any) -> None:
         import pyarrow as pa
@@ -341,6 +352,9 @@ class _PartWriter:
         rows = batch.column("row").to_numpy()
         if len(sources) == 0:
             return
+        self.last_at = time.perf_counter()
+        if self.first_at is None:
+            self.first_at, self.first_rows = self.last_at, len(sources)
         keys = sources.astype(np.int64) * (1 << 40) + rows.astype(np.int64)
         first = self._last[0] * (1 << 40) + self._last[1]
         if keys[0] <= first or (len(keys) > 1 and not bool(np.all(np.diff(keys) > 0))):
@@ -424,6 +438,10 @@ def predict_with_ray(
     if started_here:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Noise about choices made here: Ray's own progress bars are off (the driver shows one), and the pool's
+    # input is counted in files before they are split into blocks of a batch.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
     try:
         actors, threads = _pool_size(ray, actors, threads)
         shipped = None
@@ -456,6 +474,9 @@ def predict_with_ray(
                     "actors": actors,
                     "threads_per_actor": threads,
                     "rows_per_actor": writer.rows_per_actor,
+                    "seconds": round(time.perf_counter() - start, 3),
+                    "startup_seconds": round((writer.first_at or start) - start, 3),
+                    "steady_texts_per_second": round(_steady_rate(writer), 1),
                 },
             )
 
@@ -477,11 +498,20 @@ def predict_with_ray(
             actors=actors,
             threads=threads,
             seconds=time.perf_counter() - start,
+            startup_seconds=(writer.first_at or start) - start,
+            steady_texts_per_second=_steady_rate(writer),
             rows_per_actor=dict(writer.rows_per_actor),
         )
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _steady_rate(writer: _PartWriter) -> float:
+    """Texts/s after the first answers: what the pool sustains, start-up aside (0 with one batch only)."""
+    if writer.first_at is None or writer.last_at <= writer.first_at:
+        return 0.0
+    return (writer.rows - writer.first_rows) / (writer.last_at - writer.first_at)
 
 
 def _pipeline(
