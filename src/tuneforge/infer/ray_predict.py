@@ -436,7 +436,12 @@ def predict_with_ray(
     ray = _import_ray()
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        try:
+            # No num_cpus: Ray counts the cores this process may use (container limits included).
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+            where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+            raise TuneforgeError(f"--ray: cannot start or reach {where}: {exc}") from None
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     # Noise about choices made here: Ray's own progress bars are off (the driver shows one), and the pool's
     # input is counted in files before they are split into blocks of a batch.
