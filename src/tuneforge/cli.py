@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        help="train on N processes of this machine (data parallel, via torchrun; each gets cores/N threads)",
+    )
 
     p = sub.add_parser("lr-find", help="learning-rate range test: plot loss against learning rate, suggest one")
     p.add_argument("config", type=Path)
@@ -184,12 +189,27 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
     if config.intent.fit and config.intent.data is not None and not config.intent.data.is_file():
         # Found out now, not after the training it would follow.
         raise TuneforgeError(f"intent.data: {config.intent.data}: file not found")
+    launched = int(os.environ.get("WORLD_SIZE") or 1) > 1
+    if args.nproc is not None and (args.nproc < 1 or launched):
+        raise TuneforgeError(
+            f"--nproc: must be at least 1, got {args.nproc}"
+            if args.nproc < 1
+            else "--nproc: this process was already started by a launcher (WORLD_SIZE is set); drop --nproc"
+        )
+    if config.train.semi_supervised is not None and (launched or (args.nproc or 1) > 1):
+        raise TuneforgeError("train.semi_supervised: self-training runs on one process; drop --nproc")
+    if (args.nproc or 1) > 1:
+        from tuneforge.train.distributed import launch
+
+        again = ["train", str(args.config), *(f"--set={item}" for item in args.overrides)]
+        again += [flag for flag, on in (("--resume", args.resume), ("--overwrite", args.overwrite)) if on]
+        return launch([*again, *(["--no-progress"] if args.no_progress else [])], args.nproc)
     # Self-training runs ordinary trainings, round after round, and publishes one of them.
     run = self_train if config.train.semi_supervised is not None else train
     result = run(
         config, resume=args.resume, overwrite=args.overwrite, console=console, show_progress=not args.no_progress
     )
-    if config.intent.fit:
+    if config.intent.fit and os.environ.get("RANK", "0") == "0":  # one of several processes: rank 0's job
         from tuneforge.apps.intent import FitOptions, fit_detector
 
         options = config.intent.model_dump(include={"method", "oos_label", "target_recall", "ambiguity_margin"})

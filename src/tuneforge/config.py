@@ -228,7 +228,18 @@ class TrainConfig(_Section):
         "in metrics.json); false: the raw softmax.",
     )
     seed: int = 42
-    threads: int | None = Field(None, ge=1, description="torch threads; None uses all cores.")
+    threads: int | None = Field(
+        None, ge=1, description="torch threads per process; None: the cores shared out among this machine's processes."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: the GPU when torch sees one (each process its own: LOCAL_RANK), else the CPU."
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="Mixed precision of the forward passes (autocast; the weights and optimizer stay fp32). bf16: "
+        "GPUs from Ampere on, or CPUs with AMX/AVX512-BF16 (elsewhere it runs, slower); fp16: CUDA only, with a "
+        "loss scaler.",
+    )
 
     @model_validator(mode="after")
     def _epoch_bounds(self) -> TrainConfig:
@@ -236,6 +247,8 @@ class TrainConfig(_Section):
             raise ValueError(
                 f"min_auto_epochs ({self.min_auto_epochs}) must not exceed max_auto_epochs ({self.max_auto_epochs})"
             )
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ValueError("precision fp16 needs device cuda (or auto on a GPU); on the CPU use bf16 or fp32")
         return self
 
 

@@ -154,13 +154,15 @@ def _predict(
     head_inputs = _HeadInputs(model) if features else None
     feature_rows: np.ndarray | None = None
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+    # The model's device (a GPU when the caller put it there); a model without parameters runs on the CPU.
+    device = next(model.parameters(), torch.empty(0)).device
     try:
         for start in range(0, len(order), batch_size):
             indices = order[start : start + batch_size]
-            batch = collate([encoded[i] for i in indices], pad_id)
-            logits[indices] = model(**batch).logits.float().numpy()
+            batch = {key: value.to(device) for key, value in collate([encoded[i] for i in indices], pad_id).items()}
+            logits[indices] = model(**batch).logits.float().cpu().numpy()
             if head_inputs is not None and head_inputs.captured is not None:
-                captured = head_inputs.captured.float().reshape(len(indices), -1).numpy()
+                captured = head_inputs.captured.float().reshape(len(indices), -1).cpu().numpy()
                 if feature_rows is None:
                     feature_rows = np.zeros((len(encoded), captured.shape[1]), dtype=np.float32)
                 feature_rows[indices] = captured

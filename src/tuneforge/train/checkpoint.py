@@ -1,8 +1,10 @@
 """Resume checkpoints as plain files: safetensors for tensors, JSON for everything else.
 
 A checkpoint holds what a run needs to continue exactly where it stopped: weights, optimizer
-moments, the torch RNG state (for dropout) and the loop position. It is written to a fresh folder
-and swapped in, so a SIGKILL during the write leaves the previous checkpoint intact.
+moments, the RNG state of every training process (for dropout; the GPU's too on CUDA) and the loop
+position. Weights and optimizer are the same on every process, so one copy serves them all. It is
+written to a fresh folder and swapped in, so a SIGKILL during the write leaves the previous checkpoint
+intact.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ OPTIMIZER_TENSORS = "optimizer.safetensors"
 STATE = "state.json"
 METHOD_PREFIX = "__method__."
 AVERAGE_PREFIX = "__average__."
+RNG_PREFIX = "__rng_"
 
 
 @dataclass
@@ -73,6 +76,19 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
     return {"state": state, "param_groups": groups}
 
 
+def rng_state(device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """This process's random state: torch's CPU generator and, on a GPU, that device's."""
+    states = {"torch": torch.get_rng_state()}
+    if device is not None and device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _rng_key(kind: str, rank: int) -> str:
+    # Rank 0's key is the one single-process checkpoints have always had.
+    return f"{RNG_PREFIX}{kind}__" + (f".{rank}" if rank else "")
+
+
 def save_checkpoint(
     folder: Path,
     model: torch.nn.Module,
@@ -80,14 +96,17 @@ def save_checkpoint(
     loop_state: LoopState,
     method_state: dict[str, torch.Tensor] | None = None,
     weight_average: dict[str, torch.Tensor] | None = None,
+    rng_states: list[dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """``method_state``: tensors a fine-tuning method keeps outside its weights (AdaLoRA's importance scores);
-    ``weight_average``: the EMA of the trainable weights, when the run keeps one."""
+    ``weight_average``: the EMA of the trainable weights, when the run keeps one; ``rng_states``: each
+    training process's :func:`rng_state`, by rank (default: this process's CPU generator)."""
 
     def write(staging: Path) -> None:
         save_model(model, str(staging / WEIGHTS))
         tensors, meta = _split_optimizer_state(optimizer.state_dict())
-        tensors["__rng_torch__"] = torch.get_rng_state()
+        for rank, states in enumerate(rng_states or [rng_state()]):
+            tensors.update({_rng_key(kind, rank): state for kind, state in states.items()})
         tensors.update({METHOD_PREFIX + key: value.contiguous() for key, value in (method_state or {}).items()})
         tensors.update({AVERAGE_PREFIX + key: value.contiguous() for key, value in (weight_average or {}).items()})
         save_file(tensors, str(staging / OPTIMIZER_TENSORS))
@@ -109,14 +128,24 @@ class Checkpoint:
     loop_state: LoopState
     method_state: dict[str, torch.Tensor]
     weight_average: dict[str, torch.Tensor]
+    processes: int  # how many training processes wrote their random state
+    rng_restored: bool  # False: this process's rank had none (the run had fewer processes)
 
 
 def _pop_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {key[len(prefix) :]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
 
 
-def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Checkpoint:
-    """Restore weights, optimizer and RNG in place; return what else the run kept (see ``save_checkpoint``)."""
+def load_checkpoint(
+    folder: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    rank: int = 0,
+    device: torch.device | None = None,
+) -> Checkpoint:
+    """Restore weights, optimizer and the random state of process ``rank`` in place; return what else the
+    run kept (see ``save_checkpoint``)."""
     if not (folder / STATE).is_file():
         # A crash between the two renames of atomic_replace_dir leaves the last good copy aside.
         folder = aside_path(folder)
@@ -131,9 +160,15 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
         ) from None
     load_model(model, str(folder / WEIGHTS), strict=True)
     tensors = load_file(str(folder / OPTIMIZER_TENSORS))
-    rng = tensors.pop("__rng_torch__")
+    rngs = {RNG_PREFIX + key: value for key, value in _pop_prefixed(tensors, RNG_PREFIX).items()}
     method_state = _pop_prefixed(tensors, METHOD_PREFIX)
     weight_average = _pop_prefixed(tensors, AVERAGE_PREFIX)
     optimizer.load_state_dict(_join_optimizer_state(tensors, state["optimizer"]))
-    torch.set_rng_state(rng)
-    return Checkpoint(loop_state, method_state, weight_average)
+    own = rngs.get(_rng_key("torch", rank))
+    if own is not None:
+        torch.set_rng_state(own)
+        cuda = rngs.get(_rng_key("cuda", rank))
+        if cuda is not None and device is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(cuda, device)
+    processes = sum(1 for key in rngs if key.startswith(_rng_key("torch", 0)))
+    return Checkpoint(loop_state, method_state, weight_average, processes, own is not None)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -157,22 +158,27 @@ class TeacherLogitsCache:
     One safetensors file per teacher under ``$TUNEFORGE_CACHE/teacher-logits/`` (default
     ``~/.cache/tuneforge``), named by a hash of the teacher's weights, labels and max length, so a
     retrained teacher never serves its predecessor's logits. Rows are found by a 16-byte hash of the
-    text. The file is rewritten atomically on every :meth:`add`; an unreadable file is ignored (it can
-    only be made again) and an unwritable cache folder only costs the reuse.
+    text. The file is rewritten atomically on every :meth:`add`, merged with what other processes (the
+    ranks of a distributed run, each scoring its share) added meanwhile; an unreadable file is ignored
+    (it can only be made again) and an unwritable cache folder only costs the reuse.
     """
 
     def __init__(self, path: Path, num_labels: int) -> None:
         self.path = path
         self._num_labels = num_labels
-        self._rows: dict[bytes, np.ndarray] = {}
-        if path.is_file():
-            try:
-                with safe_open(str(path), framework="np") as handle:
-                    digests, logits = handle.get_tensor("digests"), handle.get_tensor("logits")
-                if digests.shape[0] == logits.shape[0] and logits.shape[1:] == (num_labels,):
-                    self._rows = {bytes(d): row for d, row in zip(digests, logits.astype(np.float32), strict=True)}
-            except (SafetensorError, OSError, KeyError, ValueError, IndexError):
-                self._rows = {}
+        self._rows: dict[bytes, np.ndarray] = self._read()
+
+    def _read(self) -> dict[bytes, np.ndarray]:
+        if not self.path.is_file():
+            return {}
+        try:
+            with safe_open(str(self.path), framework="np") as handle:
+                digests, logits = handle.get_tensor("digests"), handle.get_tensor("logits")
+            if digests.shape[0] == logits.shape[0] and logits.shape[1:] == (self._num_labels,):
+                return {bytes(d): row for d, row in zip(digests, logits.astype(np.float32), strict=True)}
+        except (SafetensorError, OSError, KeyError, ValueError, IndexError):
+            pass
+        return {}
 
     @classmethod
     def for_teacher(cls, run: RunDir, max_length: int) -> TeacherLogitsCache:
@@ -199,16 +205,35 @@ class TeacherLogitsCache:
     def add(self, texts: list[str], logits: np.ndarray) -> None:
         for text, row in zip(texts, logits, strict=True):
             self._rows[self._key(text)] = np.asarray(row, dtype=np.float32)
-        digests = np.frombuffer(b"".join(self._rows), dtype=np.uint8).reshape(len(self._rows), 16)
-        stacked = np.stack(list(self._rows.values())) if self._rows else np.zeros((0, self._num_labels), np.float32)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_with(
-                self.path,
-                lambda tmp: save_numpy({"digests": np.ascontiguousarray(digests), "logits": stacked}, str(tmp)),
-            )
+            with _exclusive(self.path.with_name(self.path.name + ".lock")):
+                self._rows = {**self._read(), **self._rows}  # rows other processes added since we read the file
+                digests = np.frombuffer(b"".join(self._rows), dtype=np.uint8).reshape(len(self._rows), 16)
+                empty = np.zeros((0, self._num_labels), np.float32)
+                stacked = np.stack(list(self._rows.values())) if self._rows else empty
+                atomic_write_with(
+                    self.path,
+                    lambda tmp: save_numpy({"digests": np.ascontiguousarray(digests), "logits": stacked}, str(tmp)),
+                )
         except OSError:
             pass  # the cache is a saving, not a result: the logits in hand are still right
+
+
+@contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` (POSIX ``flock``; elsewhere no lock: a lost row is only re-scored)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with lock_file.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _fingerprint(cfg: DistillConfig, texts: list[str]) -> str:

@@ -1,7 +1,7 @@
 """Fine-tune a pretrained encoder as a text classifier: the whole loop, top to bottom.
 
-Read ``train`` first: set up (check the output folder, read the data, load the model, build the
-optimizer), then the loop (length-grouped batches → one optimizer step → log, evaluate, checkpoint),
+Read ``train`` and ``_loop`` first: set up (check the output folder, read the data, load the model, build
+the optimizer), then the loop (length-grouped batches → one optimizer step → log, evaluate, checkpoint),
 then finish (evaluate the kept model, calibrate its probabilities, write the metrics, swap the run
 into place). Everything a resumed run needs is in the checkpoint, and every random choice comes from
 the seed, so a run killed at any point and resumed ends exactly like one that was never interrupted.
@@ -9,6 +9,12 @@ the seed, so a run killed at any point and resumed ends exactly like one that wa
 A run is written into ``<output.dir>.partial`` beside its target and renamed into place only when
 it has finished, so an interrupted or failed run never touches an earlier run at ``output.dir``;
 ``--resume`` continues from the ``.partial`` folder.
+
+On several processes (started by torchrun, ``accelerate launch`` or ``tuneforge train --nproc N``; see
+:mod:`tuneforge.train.distributed`) every process runs this same function on the same seeded batches,
+each on its share of every batch, with DistributedDataParallel averaging the gradients. Rank 0 alone
+writes (run folder, log, checkpoints, model) and speaks; evaluation is shared out and gathered, so
+every process takes the same early-stopping decision; all processes read the checkpoint on resume.
 """
 
 from __future__ import annotations
@@ -31,15 +37,16 @@ from tuneforge import adapters
 from tuneforge.config import RunConfig
 from tuneforge.data import PreparedData, format_audit, prepare_data
 from tuneforge.data.batching import encode_texts
-from tuneforge.errors import DataError, RunDirError
+from tuneforge.errors import ConfigError, DataError, RunDirError
 from tuneforge.files import atomic_replace_dir, atomic_write_json, atomic_write_text
 from tuneforge.infer.calibration import before_after, fit_calibration, plot_reliability, save_calibration
 from tuneforge.metrics import classification_metrics, plot_confusion_matrix
 from tuneforge.models.loading import load_tokenizer, predict_logits
 from tuneforge.models.runs import load_run_classifier
 from tuneforge.rundir import RunDir, check_replaceable
-from tuneforge.train.checkpoint import LoopState, has_checkpoint, load_checkpoint, save_checkpoint
+from tuneforge.train.checkpoint import LoopState, has_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from tuneforge.train.distill import load_teacher_logits, save_teacher_logits
+from tuneforge.train.distributed import Dist, gather_objects, on_main, session, shard, sum_tensor, unshard
 from tuneforge.train.ema import WeightAverage
 from tuneforge.train.extra_texts import (
     AugmentedCopies,
@@ -52,12 +59,22 @@ from tuneforge.train.extra_texts import (
 )
 from tuneforge.train.optim import apply_schedule
 from tuneforge.train.setup import trainable_model
-from tuneforge.train.step import TrainingSet, encode_training_set, epoch_batches, progress_bar, teacher_pass, train_step
+from tuneforge.train.step import (
+    Engine,
+    TrainingSet,
+    build_engine,
+    encode_training_set,
+    epoch_batches,
+    progress_bar,
+    teacher_pass,
+    train_step,
+)
 
 LOG_EVERY_STEPS = 20
 # Keys that may differ between the original run and its resumption without changing the result
-# (calibration happens after the loop; a run started before the key existed resumes too).
-RESUME_IGNORED_KEYS = {("train", "threads"), ("train", "calibrate")}
+# (calibration happens after the loop; a run started before the key existed resumes too; a run begun on a
+# GPU may go on on the CPU, with other rounding).
+RESUME_IGNORED_KEYS = {("train", "threads"), ("train", "calibrate"), ("train", "device")}
 # The folder a run is written into until it is complete; a fixed name so that --resume finds it.
 STAGING_SUFFIX = ".partial"
 
@@ -72,6 +89,8 @@ class TrainResult:
 class _Session:
     """Everything set-up prepares for the loop; ``run`` is the staging folder being written."""
 
+    here: Dist
+    engine: Engine
     cfg: RunConfig
     target: Path
     run: RunDir
@@ -99,12 +118,24 @@ def train(
     on_step: Callable[[LoopState], None] | None = None,
 ) -> TrainResult:
     """Train ``config`` into ``config.output.dir``; ``on_step`` is called with the loop state after every
-    optimizer step, once that step's evaluation and checkpoint (if due) are written."""
+    optimizer step, once that step's evaluation and checkpoint (if due) are written (on every process)."""
     console = console or Console(stderr=True)
-    torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
-    s = _set_up(config, resume=resume, overwrite=overwrite, console=console, show_progress=show_progress)
-    tcfg, state = config.train, s.state
+    with session(config.train.device) as here:
+        if not here.is_main:  # rank 0 speaks for all
+            console, show_progress = Console(stderr=True, quiet=True), False
+        torch.set_num_threads(config.train.threads or here.default_threads())
+        s = _set_up(config, here, resume=resume, overwrite=overwrite, console=console, show_progress=show_progress)
+        try:
+            _loop(s, console, show_progress, on_step)
+            return _finish(s, console)
+        finally:
+            s.engine.close()  # DistributedDataParallel must go before its process group closes
 
+
+def _loop(s: _Session, console: Console, show_progress: bool, on_step: Callable[[LoopState], None] | None) -> None:
+    """Length-grouped batches → one optimizer step → log, evaluate, checkpoint; until the epochs are done
+    or early stopping says so."""
+    tcfg, state = s.cfg.train, s.state
     s.model.train()
     with progress_bar(console, show_progress) as progress:
         task = progress.add_task("train", total=s.total_steps, completed=state.step, info="")
@@ -125,7 +156,6 @@ def train(
                 if not tcfg.eval_every_steps:
                     _evaluate_and_track(s, progress.console)
                 _checkpoint(s)
-    return _finish(s, console)
 
 
 def staging_dir(target: Path | str) -> Path:
@@ -145,14 +175,19 @@ def auto_epochs(n_train: int, cfg_epochs: int | None, min_samples: int, min_epoc
 # --------------------------------------------------------------------------- set-up
 
 
-def _set_up(config: RunConfig, *, resume: bool, overwrite: bool, console: Console, show_progress: bool) -> _Session:
+def _set_up(
+    config: RunConfig, here: Dist, *, resume: bool, overwrite: bool, console: Console, show_progress: bool
+) -> _Session:
     cfg, tcfg = config, config.train
+    if tcfg.precision == "fp16" and here.device.type != "cuda":
+        raise ConfigError("train.precision: fp16 needs a GPU (this run is on the CPU); use bf16 or fp32")
     # Validate everything before writing anything: a bad input must not leave a half-made run behind.
     target = Path(cfg.output.dir)
-    run = _check_output(cfg, target, resume=resume, overwrite=overwrite)
+    run = on_main(here, lambda: _check_output(cfg, target, resume=resume, overwrite=overwrite))
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, seed=tcfg.seed, tokenizer=tokenizer, max_length=cfg.model.max_length)
-    extra = _extra_texts(cfg, run, data, resume, console, show_progress)
+    # Made once, by rank 0 (a paraphrasing model is slow), for every process.
+    extra = on_main(here, lambda: _extra_texts(cfg, run, data, resume, console, show_progress))
     n_examples = len(extra.texts) + len(extra.transfer)
     epochs = auto_epochs(n_examples, tcfg.epochs, tcfg.min_train_samples, tcfg.min_auto_epochs, tcfg.max_auto_epochs)
     steps_per_epoch = math.ceil(math.ceil(n_examples / tcfg.batch_size) / tcfg.grad_accum_steps)
@@ -160,6 +195,9 @@ def _set_up(config: RunConfig, *, resume: bool, overwrite: bool, console: Consol
     # What learns (everything, or an adapter and the head) and the optimizer.
     torch.manual_seed(tcfg.seed)
     model, optimizer = trainable_model(cfg, data.labels, total_steps=total_steps)
+    model.to(here.device)  # the optimizer holds the same parameters, now there
+    if here.enabled:  # one dropout stream per process (the same on every process would repeat its masks)
+        torch.manual_seed(_process_seed(tcfg.seed, here.rank, step=0))
     trainable, total = adapters.trainable_parameter_count(model)
     average = WeightAverage(model, tcfg.ema_decay) if tcfg.ema_decay is not None else None
     console.print(format_audit(data.audit))
@@ -167,16 +205,19 @@ def _set_up(config: RunConfig, *, resume: bool, overwrite: bool, console: Consol
         console.print(line)
     teacher_texts = [*extra.texts, *extra.transfer]
     soft_targets = _teacher_logits(
-        cfg, run, teacher_texts, data.labels, resume, console, show_progress, n_labelled=len(extra.texts)
+        cfg, run, here, teacher_texts, data.labels, resume, console, show_progress, n_labelled=len(extra.texts)
     )
 
-    if not resume:
-        _start_run_dir(run, cfg, data)
-    extra.save(run.path)
-    if soft_targets is not None:
-        save_teacher_logits(run.teacher_logits_file, soft_targets, cfg.distill, teacher_texts)
+    if here.is_main:
+        if not resume:
+            _start_run_dir(run, cfg, data)
+        extra.save(run.path)
+        if soft_targets is not None:
+            save_teacher_logits(run.teacher_logits_file, soft_targets, cfg.distill, teacher_texts)
     label_index = {name: i for i, name in enumerate(data.labels)}
     s = _Session(
+        here=here,
+        engine=Engine(here),
         cfg=cfg,
         target=target,
         run=run,
@@ -208,8 +249,18 @@ def _set_up(config: RunConfig, *, resume: bool, overwrite: bool, console: Consol
         state=LoopState(),
     )
     if resume:
-        _restore(s)
+        processes = _restore(s)
         console.print(f"resuming {run.path} at step {s.state.step}/{total_steps} (epoch {s.state.epoch + 1})")
+        if processes != here.world_size:
+            console.print(
+                f"the interrupted run had {processes} process(es), this one has {here.world_size}: the same "
+                "batches and steps, each batch shared out anew; new dropout streams for the processes it "
+                "did not have, and a different order of float additions, so the result is close, not identical"
+            )
+    # Wrapped after the restore: DistributedDataParallel starts every process from rank 0's weights.
+    s.engine = build_engine(model, here, tcfg.precision)
+    if here.enabled:
+        console.print(f"{here.world_size} processes on {here.device.type}, each {torch.get_num_threads()} thread(s)")
     console.print(
         f"training {n_examples} examples, {len(data.labels)} labels, {epochs} epochs, "
         f"{total_steps} steps of {tcfg.batch_size * tcfg.grad_accum_steps}; {cfg.finetune.method} fine-tuning, "
@@ -252,9 +303,12 @@ def _check_same_config(saved_yaml: str, config: RunConfig, path: Path) -> None:
     saved = yaml.safe_load(saved_yaml) or {}
     current = config.model_dump(mode="json")
     for section, values in current.items():
+        fields = type(getattr(config, section)).model_fields
         for key, value in values.items():
             if (section, key) in RESUME_IGNORED_KEYS:
                 continue
+            if key not in saved.get(section, {}) and key in fields and value == fields[key].default:
+                continue  # a key added since the run started, at the default it then had implicitly
             if saved.get(section, {}).get(key) != value:
                 raise RunDirError(
                     f"{section}.{key}: differs from the interrupted run in {path} "
@@ -315,6 +369,7 @@ def _extra_texts(
 def _teacher_logits(
     cfg: RunConfig,
     run: RunDir,
+    here: Dist,
     texts: list[str],
     labels: list[str],
     resume: bool,
@@ -326,14 +381,19 @@ def _teacher_logits(
     """Distillation's soft targets: one pass of the teacher per run; a resumed run reuses the kept logits.
 
     With ``alpha`` 0 the labelled rows learn from their labels alone, so the teacher scores only the
-    transfer texts (the first ``n_labelled`` rows stay zeros, never read)."""
+    transfer texts (the first ``n_labelled`` rows stay zeros, never read). On several processes each
+    scores its share of the rows and the shares are summed (each row is non-zero on one process only)."""
     if cfg.distill.teacher is None:
         return None
-    if resume and (kept := load_teacher_logits(run.teacher_logits_file, cfg.distill, texts)) is not None:
-        console.print(f"distillation: reusing the teacher's logits kept in {run.teacher_logits_file}")
-        return kept
+    if resume:
+        kept = on_main(here, lambda: load_teacher_logits(run.teacher_logits_file, cfg.distill, texts))
+        if kept is not None:
+            console.print(f"distillation: reusing the teacher's logits kept in {run.teacher_logits_file}")
+            return kept
     needed = list(range(n_labelled, len(texts))) if cfg.distill.alpha == 0 else None
-    return teacher_pass(cfg, texts, labels, console, show_progress, needed=needed)
+    if here.enabled:
+        needed = shard(list(range(len(texts))) if needed is None else needed, here)
+    return sum_tensor(teacher_pass(cfg, texts, labels, console, show_progress, needed=needed), here)
 
 
 def _start_run_dir(run: RunDir, cfg: RunConfig, data: PreparedData) -> None:
@@ -346,13 +406,23 @@ def _start_run_dir(run: RunDir, cfg: RunConfig, data: PreparedData) -> None:
     atomic_write_json(run.audit_file, data.audit)
 
 
-def _restore(s: _Session) -> None:
-    saved = load_checkpoint(s.run.checkpoint_dir, s.model, s.optimizer)
+def _restore(s: _Session) -> int:
+    """Continue from the checkpoint (every process reads it); returns how many processes wrote it."""
+    saved = load_checkpoint(s.run.checkpoint_dir, s.model, s.optimizer, rank=s.here.rank, device=s.here.device)
     s.state = saved.loop_state
     adapters.load_training_state(s.model, saved.method_state)
     if s.average is not None:
         s.average.load_state_dict(saved.weight_average)
-    _truncate_log(s.run, s.state.step)
+    if not saved.rng_restored:  # a process the interrupted run did not have
+        torch.manual_seed(_process_seed(s.cfg.train.seed, s.here.rank, step=s.state.step))
+    if s.here.is_main:
+        _truncate_log(s.run, s.state.step)
+    return saved.processes
+
+
+def _process_seed(seed: int, rank: int, *, step: int) -> int:
+    """A dropout seed per process (and per resume point), apart from the model's initialisation seed."""
+    return (seed * 1_000_003 + rank * 7_919 + step * 104_729 + 1) % (2**63)
 
 
 # --------------------------------------------------------------------------- the loop's pieces
@@ -366,14 +436,14 @@ def _step(s: _Session, group: list[list[int]]) -> str:
     apply_schedule(
         s.optimizer, state.step, total_steps=s.total_steps, warmup_steps=warmup_steps, schedule=tcfg.schedule
     )
-    loss = train_step(s.model, s.optimizer, group, s.train_set, tcfg, state.step, s.average)
+    loss = train_step(s.model, s.optimizer, group, s.train_set, tcfg, state.step, s.average, s.engine)
     state.step += 1
     state.batch += len(group)
     state.samples += sum(len(b) for b in group)
     state.train_seconds += time.perf_counter() - started
     speed = state.samples / max(state.train_seconds, 1e-9)
     lr = s.optimizer.param_groups[0]["lr"]
-    if state.step % LOG_EVERY_STEPS == 0:
+    if state.step % LOG_EVERY_STEPS == 0 and s.here.is_main:
         record = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr, "samples_per_s": speed}
         _append_log(s.run, record)
     return f"loss {loss:.4f}  lr {lr:.2e}  {speed:.1f} samples/s"
@@ -384,12 +454,13 @@ def _evaluate_and_track(s: _Session, console: Console) -> None:
     state, tcfg = s.state, s.cfg.train
     # With a weight average, it is the average that is judged and kept; training goes on from the live weights.
     with s.average.applied() if s.average is not None else nullcontext():
-        metrics = _evaluate(s.model, s.val_ids, s.val_y, s.data.labels, s.train_set.pad_id, tcfg.eval_batch_size)
+        metrics = _evaluate(s)
         score = metrics[tcfg.metric]
         improved = state.best is None or score > state.best
         if improved:
             state.best, state.best_step, state.bad_evals = score, state.step, 0
-            _save_model(s.run, s.cfg, s.model, s.tokenizer, s.data.labels)
+            if s.here.is_main:
+                _save_model(s.run, s.cfg, s.model, s.tokenizer, s.data.labels)
         else:
             state.bad_evals += 1
     record = {
@@ -401,7 +472,8 @@ def _evaluate_and_track(s: _Session, console: Console) -> None:
         "macro_f1": metrics["macro_f1"],
         "improved": improved,
     }
-    _append_log(s.run, record)
+    if s.here.is_main:
+        _append_log(s.run, record)
     console.print(f"step {state.step}: validation {tcfg.metric} {score:.2f}" + (" (best, saved)" if improved else ""))
     patience = tcfg.early_stopping_patience
     if patience is not None and state.bad_evals >= patience:
@@ -410,16 +482,21 @@ def _evaluate_and_track(s: _Session, console: Console) -> None:
 
 
 def _checkpoint(s: _Session) -> None:
+    """Rank 0 writes the weights and optimizer (the same on every process) and every process's RNG state."""
+    rng_states = gather_objects(rng_state(s.here.device), s.here)
+    if not s.here.is_main:
+        return
     weight_average = s.average.state_dict() if s.average is not None else None
     method_state = adapters.training_state(s.model)
-    save_checkpoint(s.run.checkpoint_dir, s.model, s.optimizer, s.state, method_state, weight_average)
+    save_checkpoint(s.run.checkpoint_dir, s.model, s.optimizer, s.state, method_state, weight_average, rng_states)
 
 
-def _evaluate(
-    model: torch.nn.Module, ids: list[list[int]], labels: list[int], label_names: list[str], pad_id: int, bs: int
-) -> dict[str, Any]:
-    predictions = predict_logits(model, ids, pad_id=pad_id, batch_size=bs).argmax(axis=-1).tolist()
-    return classification_metrics(labels, predictions, label_names)
+def _evaluate(s: _Session) -> dict[str, Any]:
+    """Validation metrics; each process predicts its share, and every process gets all the predictions."""
+    ids = shard(s.val_ids, s.here)
+    logits = predict_logits(s.model, ids, pad_id=s.train_set.pad_id, batch_size=s.cfg.train.eval_batch_size)
+    predictions = unshard(logits.argmax(axis=-1).tolist(), s.here)
+    return classification_metrics(s.val_y, predictions, s.data.labels)
 
 
 def _save_model(run: RunDir, cfg: RunConfig, model: torch.nn.Module, tokenizer: Any, labels: list[str]) -> None:
@@ -464,11 +541,17 @@ def _truncate_log(run: RunDir, last_step: int) -> None:
 
 
 def _finish(s: _Session, console: Console) -> TrainResult:
-    """Evaluate the kept (best) model exactly as later stages will load it, then swap the run into place."""
+    """Evaluate the kept (best) model exactly as later stages will load it, then swap the run into place
+    (rank 0, while the others wait for its metrics)."""
+    return TrainResult(run_dir=s.target, metrics=on_main(s.here, lambda: _finish_run(s, console)))
+
+
+def _finish_run(s: _Session, console: Console) -> dict[str, Any]:
     run, cfg, state, label_names = s.run, s.cfg, s.state, s.data.labels
     if cfg.finetune.merge:
         _write_merged_model(run, s.tokenizer)
     model, tokenizer = load_run_classifier(run)
+    model.to(s.here.device)
     pad_id = tokenizer.pad_token_id or 0
     label_index = {name: i for i, name in enumerate(label_names)}
     bs, max_len = cfg.train.eval_batch_size, cfg.model.max_length
@@ -508,7 +591,7 @@ def _finish(s: _Session, console: Console) -> TrainResult:
                 f"(n={metrics[split]['n']})"
             )
     console.print(f"run directory: {s.target}")
-    return TrainResult(run_dir=s.target, metrics=metrics)
+    return metrics
 
 
 def _calibrate(run: RunDir, scored: dict[str, tuple[Any, list[int]]], console: Console) -> dict[str, Any] | None:

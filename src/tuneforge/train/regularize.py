@@ -22,7 +22,7 @@ with label smoothing, ``(loss * weight).backward()``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +99,8 @@ def embedding_weight(model_or_embedding: torch.nn.Module | torch.Tensor) -> torc
         return model_or_embedding
     if isinstance(model_or_embedding, torch.nn.Embedding):
         return model_or_embedding.weight
+    if isinstance(model_or_embedding, torch.nn.parallel.DistributedDataParallel):
+        model_or_embedding = model_or_embedding.module
     get = getattr(model_or_embedding, "get_input_embeddings", None)
     if get is None:
         raise TypeError(f"cannot find word embeddings in {type(model_or_embedding).__name__}")
@@ -198,6 +200,14 @@ class PGD:
             self._backup = None
 
 
+def _local(model: torch.nn.Module) -> AbstractContextManager[None]:
+    """Under DistributedDataParallel, a pass whose gradients are not exchanged (not the micro-batch's last
+    backward, or ``autograd.grad`` that DDP would wait on forever); elsewhere nothing."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return nullcontext()
+
+
 @contextmanager
 def _batch_gradient_of(weight: torch.Tensor) -> Iterator[None]:
     """Inside the block ``weight.grad`` holds only this micro-batch's gradients; the earlier ones are added after.
@@ -260,15 +270,17 @@ def regularized_backward(
     batch: dict[str, torch.Tensor],
     labels: torch.Tensor,
     cfg: TrainConfig,
-    weight: float,
+    weight: float | torch.Tensor,
     teacher: Teacher | None = None,
 ) -> float:
     """Forward, loss and backward of one training micro-batch, with the regularizers ``cfg`` enables.
 
     ``batch`` is what :func:`tuneforge.data.batching.collate` returns; every backward is scaled by
-    ``weight`` (the micro-batch's share of the optimizer step). Gradients accumulate into ``.grad`` as
-    with a plain ``backward()``. Returns the clean cross-entropy (with label smoothing; for R-Drop, the
-    mean over both passes, without the KL term), so logged losses stay comparable across settings.
+    ``weight`` (the micro-batch's share of the optimizer step; a tensor when it carries fp16's loss scale).
+    ``model`` may be wrapped in DistributedDataParallel: only the last backward exchanges gradients.
+    Gradients accumulate into ``.grad`` as with a plain ``backward()``. Returns the clean cross-entropy
+    (with label smoothing; for R-Drop, the mean over both passes, without the KL term), so logged losses
+    stay comparable across settings.
 
     - ``rdrop_alpha > 0``: the clean loss is :func:`rdrop_loss` over two dropout passes.
     - ``teacher``: every cross-entropy becomes the distillation loss against the teacher's logits.
@@ -285,8 +297,9 @@ def regularized_backward(
 
     embeddings = embedding_weight(model)
     with _batch_gradient_of(embeddings):
-        loss, ce = _clean_loss(model, batch, labels, cfg, teacher)
-        (loss * weight).backward()
+        with _local(model):  # the adversarial backward below exchanges the sum of both
+            loss, ce = _clean_loss(model, batch, labels, cfg, teacher)
+            (loss * weight).backward()
         if adversarial.method == "fgm":
             fgm = FGM(embeddings, adversarial.epsilon)
             fgm.attack()
@@ -300,12 +313,13 @@ def regularized_backward(
             try:
                 for step in range(adversarial.steps):
                     pgd.attack(grad)
-                    adv_loss = _cross_entropy(model, batch, labels, cfg, teacher)
                     if step < adversarial.steps - 1:
                         # Only the direction matters here, so no weight; .grad is left alone.
-                        (grad,) = torch.autograd.grad(adv_loss, embeddings)
+                        with _local(model):
+                            adv_loss = _cross_entropy(model, batch, labels, cfg, teacher)
+                            (grad,) = torch.autograd.grad(adv_loss, embeddings)
                     else:
-                        (adv_loss * weight).backward()
+                        (_cross_entropy(model, batch, labels, cfg, teacher) * weight).backward()
             finally:
                 pgd.restore()
         else:

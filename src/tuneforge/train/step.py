@@ -5,12 +5,20 @@ step lives here once: for each micro-batch of the step a forward/backward with t
 regularizers and, when distilling, the teacher's soft targets; then the fine-tuning method's extra
 loss, gradient clipping, the optimizer step, the method's own update (AdaLoRA's rank budget) and the
 weight average.
+
+On several processes (:mod:`tuneforge.train.distributed`) each process takes every ``world_size``-th
+example of each micro-batch, so the step still covers the same global batch: the micro-batches come from
+the same seeded, length-grouped order, and a process's share of one has texts of about the same length
+as the others' (no process waits long on another's long batch). Each process weights its loss by its
+share of the step's samples times ``world_size``; DistributedDataParallel averages the gradients, so the
+step follows the same mean loss as on one process (up to the order of float additions).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,6 +29,7 @@ from tuneforge import adapters
 from tuneforge.config import DistillConfig, RunConfig, TrainConfig
 from tuneforge.data.batching import collate, encode_texts, length_grouped_batches
 from tuneforge.train.distill import NO_LABEL, teacher_targets
+from tuneforge.train.distributed import Dist, shard, sum_across
 from tuneforge.train.ema import WeightAverage
 from tuneforge.train.regularize import Teacher, regularized_backward
 
@@ -40,10 +49,78 @@ class TrainingSet:
     def lengths(self) -> list[int]:
         return [len(x) for x in self.ids]
 
-    def teacher(self, indices: list[int]) -> Teacher | None:
+    def teacher(self, indices: list[int], device: torch.device | None = None) -> Teacher | None:
         if self.teacher_logits is None or self.distill is None:
             return None
-        return Teacher(self.teacher_logits[indices], self.distill.temperature, self.distill.alpha)
+        logits = self.teacher_logits[indices]
+        return Teacher(to_device(logits, device), self.distill.temperature, self.distill.alpha)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """A CPU tensor on ``device``; to a GPU through pinned memory, so the copy overlaps the work."""
+    if device is None or device.type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+class AutocastForward(torch.nn.Module):
+    """The model's forward under autocast (bf16/fp16), its logits back in float32 for the loss, as the
+    mixed-precision recipes do; the weights, gradients and optimizer stay float32."""
+
+    def __init__(self, model: torch.nn.Module, device_type: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model
+        self.device_type = device_type
+        self.dtype = dtype
+
+    def forward(self, **batch: torch.Tensor) -> Any:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            output = self.model(**batch)
+        output.logits = output.logits.float()
+        return output
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()
+
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Engine:
+    """Where and how a step runs: this process's place (device, rank), the module that runs the forward
+    passes (the model under autocast and/or DistributedDataParallel; None: the model itself) and, for
+    fp16, the loss scaler. ``Engine()`` is one process on the CPU in float32: the plain step."""
+
+    here: Dist = field(default_factory=Dist)
+    forward: torch.nn.Module | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+    @property
+    def ddp(self) -> torch.nn.parallel.DistributedDataParallel | None:
+        forward = self.forward
+        return forward if isinstance(forward, torch.nn.parallel.DistributedDataParallel) else None
+
+    def close(self) -> None:
+        """Let go of DistributedDataParallel while its process group is open: freed after the group is
+        closed, it holds the group's last reference, whose destructor can deadlock on the GIL."""
+        self.forward = None
+
+
+def build_engine(model: torch.nn.Module, here: Dist, precision: str) -> Engine:
+    """The :class:`Engine` for ``model`` (already on ``here.device``). DistributedDataParallel broadcasts
+    rank 0's weights as it wraps them, so every process starts from the same ones."""
+    forward = model
+    if precision != "fp32":
+        forward = AutocastForward(model, here.device.type, PRECISIONS[precision])
+    if here.enabled:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            forward,
+            device_ids=[here.device.index] if here.device.type == "cuda" else None,
+            forward_sync_buffers=False,  # BERT's buffers (position ids) are constants: synced once, at init
+        )
+    scaler = torch.amp.GradScaler(here.device.type) if precision == "fp16" else None
+    return Engine(here, None if forward is model else forward, scaler)
 
 
 def encode_training_set(
@@ -118,27 +195,50 @@ def train_step(
     cfg: TrainConfig,
     step: int,
     average: WeightAverage | None = None,
+    engine: Engine | None = None,
 ) -> float:
     """One optimizer step (0-based index ``step``) over the micro-batches in ``group``; returns its mean loss.
 
     Gradients accumulate over the micro-batches, each weighted by its share of the step's samples, so
     the step follows the mean loss over all of them whatever the split. The learning rate is the
-    caller's to set beforehand (a schedule, or the range test's sweep).
+    caller's to set beforehand (a schedule, or the range test's sweep). ``engine``: device, precision and
+    processes (default: one process on the CPU, float32); ``group`` is the whole step's, on every process.
     """
+    engine = engine or Engine()
+    here, forward, ddp = engine.here, engine.forward or model, engine.ddp
     n_samples = sum(len(b) for b in group)
     loss_sum = 0.0
-    for indices in group:
-        batch = collate([data.ids[i] for i in indices], data.pad_id)
-        loss = regularized_backward(
-            model, batch, data.labels[indices], cfg, weight=len(indices) / n_samples, teacher=data.teacher(indices)
-        )
-        loss_sum += loss * len(indices)
+    for k, indices in enumerate(group):
+        mine = shard(indices, here)
+        weight = len(mine) / n_samples * here.world_size  # DDP divides the gradient sum by world_size
+        if not mine:  # fewer texts than processes: a no-op pass, since every process joins each all-reduce
+            mine, weight = indices[:1], 0.0
+        batch = collate([data.ids[i] for i in mine], data.pad_id)
+        batch = {key: to_device(value, here.device) for key, value in batch.items()}
+        # Gradients are exchanged once per step: at the last micro-batch's backward.
+        with ddp.no_sync() if ddp is not None and k < len(group) - 1 else nullcontext():
+            loss = regularized_backward(
+                forward,
+                batch,
+                to_device(data.labels[mine], here.device),
+                cfg,
+                weight=engine.scaler.scale(torch.tensor(weight, device=here.device)) if engine.scaler else weight,
+                teacher=data.teacher(mine, here.device),
+            )
+        loss_sum += loss * len(mine) if weight else 0.0
+    loss_sum = sum_across(loss_sum, here)
     penalty = adapters.extra_loss(model)  # AdaLoRA's orthogonality term: once per step, not per micro-batch
     if penalty is not None:
-        penalty.backward()
+        (engine.scaler.scale(penalty) if engine.scaler else penalty).backward()
+    if engine.scaler is not None:
+        engine.scaler.unscale_(optimizer)  # clip and read true gradients
     if cfg.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-    optimizer.step()
+    if engine.scaler is not None:
+        engine.scaler.step(optimizer)  # skipped when fp16 overflowed; the scale shrinks
+        engine.scaler.update()
+    else:
+        optimizer.step()
     adapters.after_backward(model, step)  # reads the gradients: before they are cleared
     optimizer.zero_grad(set_to_none=True)
     if average is not None:
