@@ -281,3 +281,39 @@ def test_a_communication_error_without_a_message_is_reported_as_lost_contact() -
     with pytest.raises(DistributedError, match=r"rank 1: lost contact .* \(Read error \[10\.0\.0\.2\]:4242"):
         _share_failure(Dist(rank=1, world_size=2), broken)
     _share_failure(Dist(rank=1, world_size=2), ValueError("a bug of this process"))  # left to propagate as it is
+
+
+# --------------------------------------------------------------------------- inference on a GPU (error paths here)
+
+
+def test_onnx_runtime_uses_its_cuda_provider_only_when_installed() -> None:
+    from tuneforge.errors import ModelError
+    from tuneforge.models.onnx_runtime import execution_providers
+
+    cpu_only = ["AzureExecutionProvider", "CPUExecutionProvider"]
+    with_gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert execution_providers("cpu", with_gpu) == ["CPUExecutionProvider"]
+    assert execution_providers("auto", cpu_only) == ["CPUExecutionProvider"]
+    assert execution_providers("auto", with_gpu) == with_gpu
+    assert execution_providers("cuda", with_gpu) == with_gpu
+    with pytest.raises(ModelError, match=r"device: cuda was asked for.*pip install onnxruntime-gpu"):
+        execution_providers("cuda", cpu_only)
+    with pytest.raises(ModelError, match="device: must be cpu, cuda or auto"):
+        execution_providers("gpu", with_gpu)
+
+
+def test_predictor_and_server_take_a_device(trained_tiny_run: Path) -> None:
+    from tuneforge.errors import ModelError, TuneforgeError
+    from tuneforge.infer.predictor import Predictor
+    from tuneforge.serve.settings import ServeSettings
+
+    texts = ["a lovely superb film", "an awful boring plot"]
+    expected = [p.to_dict() for p in Predictor(trained_tiny_run).predict(texts)]
+    assert [p.to_dict() for p in Predictor(trained_tiny_run, device="auto").predict(texts)] == expected
+    with pytest.raises(ModelError, match="device: must be one of cpu, cuda, auto"):
+        Predictor(trained_tiny_run, device="gpu")
+    with pytest.raises(TuneforgeError, match="--device: must be one of cpu, cuda, auto"):
+        ServeSettings(run_dir=trained_tiny_run, device="gpu").validate()
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="device: cuda was asked for, but torch sees no GPU"):
+            Predictor(trained_tiny_run, device="cuda")

@@ -156,6 +156,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--form", choices=["auto", "model", "adapter", "onnx"], default="auto", help="which saved model")
     p.add_argument("--threads", type=int, help="CPU threads per worker for the model (default: cores / workers)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda or auto (the GPU when there is one); ONNX models use onnxruntime-gpu's CUDA provider",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
     p = sub.add_parser("models", help="list the registry's pretrained models; convert multilingual-e5-small")
@@ -432,6 +437,7 @@ def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
         cors_origins=tuple(args.cors_origins),
         form=args.form,
         threads=args.threads,
+        device=args.device,
         request_timeout_s=args.request_timeout,
         drain_timeout_s=args.drain_timeout,
         root_path=args.root_path,

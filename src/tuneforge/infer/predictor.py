@@ -61,7 +61,8 @@ class Predictor:
     """Classify texts with a trained run: the same cleaning and truncation as in training.
 
     ``calibrated=False`` ignores the run's temperature: the raw softmax, for code whose thresholds were
-    chosen on it.
+    chosen on it. ``device``: cpu (default), cuda, or auto (the GPU when there is one); an ONNX model
+    uses ONNX Runtime's CUDA provider (onnxruntime-gpu).
     """
 
     def __init__(
@@ -74,12 +75,15 @@ class Predictor:
         spin: bool = True,
         open_set: bool = True,
         calibrated: bool = True,
+        device: str = "cpu",
     ) -> None:
         self.run: RunDir = open_run_dir(run_dir)
         if threads:
             torch.set_num_threads(threads)
         self.labels = self.run.labels()
-        self.classifier, self.tokenizer, self.form = load_run_backend(self.run, form=form, threads=threads, spin=spin)
+        self.classifier, self.tokenizer, self.form = load_run_backend(
+            self.run, form=form, threads=threads, spin=spin, device=device
+        )
         check_label_count(self.run, self.labels, self.classifier.num_labels)
         # A run without a config (a model folder assembled by hand) gets the config's defaults.
         config = self.run.config_or_none()

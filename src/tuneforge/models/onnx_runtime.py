@@ -5,6 +5,7 @@ Used by inference, so it imports neither ``tuneforge.train`` nor ``tuneforge.opt
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,22 @@ from tuneforge.errors import ModelError
 _REQUIRED_INPUTS = ("input_ids", "attention_mask")
 FEATURES_OUTPUT = "features"
 _ORT_INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+def execution_providers(device: str, available: Sequence[str]) -> list[str]:
+    """ONNX Runtime's providers for ``device`` (cpu, cuda, auto) given ``ort.get_available_providers()``:
+    CUDA first (the CPU for what it cannot run) when asked for, or for auto when installed (onnxruntime-gpu)."""
+    if device not in ("cpu", "cuda", "auto"):
+        raise ModelError(f"device: must be cpu, cuda or auto, not {device!r}")
+    if device != "cpu" and CUDA_PROVIDER in available:
+        return [CUDA_PROVIDER, "CPUExecutionProvider"]
+    if device == "cuda":
+        raise ModelError(
+            f"device: cuda was asked for, but this onnxruntime has no {CUDA_PROVIDER} (it offers "
+            f"{', '.join(available) or 'none'}): pip install onnxruntime-gpu, or use device cpu"
+        )
+    return ["CPUExecutionProvider"]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -23,14 +40,15 @@ def _first_line(exc: BaseException) -> str:
 
 
 class OnnxClassifier:
-    """A sequence classifier in a ``.onnx`` file (fp32 or int8), run on the CPU.
+    """A sequence classifier in a ``.onnx`` file (fp32 or int8), run on the CPU (or a GPU: ``device``).
 
     ``threads``: intra-op threads (``None``: ONNX Runtime's default, one per physical core). ``spin``:
     let idle worker threads spin between ops — lowest latency, but burns CPU that other work on a
-    small machine could use; pass ``False`` when the process shares its cores.
+    small machine could use; pass ``False`` when the process shares its cores. ``device``: see
+    :func:`execution_providers`.
     """
 
-    def __init__(self, path: Path | str, *, threads: int | None = None, spin: bool = True) -> None:
+    def __init__(self, path: Path | str, *, threads: int | None = None, spin: bool = True, device: str = "cpu") -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -47,10 +65,9 @@ class OnnxClassifier:
             options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         options.log_severity_level = 3  # errors only: no per-session optimizer chatter
+        providers = execution_providers(device, ort.get_available_providers())
         try:
-            self.session = ort.InferenceSession(
-                str(self.path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
+            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises its own pybind exception types (InvalidProtobuf, Fail, ...)
             raise ModelError(f"{self.path}: cannot load the ONNX model: {_first_line(exc)}") from None
 

@@ -23,6 +23,21 @@ from tuneforge.pretrained import resolve_model
 from tuneforge.rundir import ONNX_DIR, RunDir
 
 FORMS = ("auto", "model", "adapter", "onnx")
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def inference_device(requested: str) -> torch.device:
+    """Where a PyTorch model runs: cpu, cuda (an error without a GPU) or auto (cuda when torch sees one)."""
+    if requested not in DEVICES:
+        raise ModelError(f"device: must be one of {', '.join(DEVICES)}, not {requested!r}")
+    if requested != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda")
+    if requested == "cuda":
+        raise ModelError(
+            "device: cuda was asked for, but torch sees no GPU (torch.cuda.is_available() is False: a CPU-only "
+            f"torch {torch.__version__}, or no driver); use cpu"
+        )
+    return torch.device("cpu")
 
 
 class Classifier(Protocol):
@@ -97,12 +112,13 @@ def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
 
 
 def load_run_backend(
-    run: RunDir, *, form: str = "auto", threads: int | None = None, spin: bool = True
+    run: RunDir, *, form: str = "auto", threads: int | None = None, spin: bool = True, device: str = "cpu"
 ) -> tuple[Classifier, PreTrainedTokenizerBase, str]:
     """The run's classifier behind the common :class:`Classifier` interface, its tokenizer and the form used.
 
     ``spin`` (ONNX Runtime): idle worker threads busy-wait between ops — lowest latency for batch work,
-    but a server that shares the cores with its own HTTP handling does better without it.
+    but a server that shares the cores with its own HTTP handling does better without it. ``device``:
+    cpu, cuda or auto (PyTorch forms: :func:`inference_device`; ONNX: its CUDA provider, onnxruntime-gpu).
     """
     if form not in FORMS:
         raise RunDirError(f"form: must be one of {', '.join(FORMS)}, not {form!r}")
@@ -114,13 +130,17 @@ def load_run_backend(
             raise RunDirError(f"{run.path}: no ONNX model in {ONNX_DIR}/")
         from tuneforge.models.onnx_runtime import OnnxClassifier
 
-        classifier = OnnxClassifier(run.onnx_file, threads=threads, spin=spin)
+        classifier = OnnxClassifier(run.onnx_file, threads=threads, spin=spin, device=device)
         return classifier, _load_tokenizer(run.onnx_file.parent), form
+    int8 = form == "model" and variant.get("quantize") == "torch-dynamic-int8"
+    where = inference_device("cpu" if int8 and device == "auto" else device)
     model, tokenizer = load_run_classifier(run, prefer=form)
-    if form == "model" and variant.get("quantize") == "torch-dynamic-int8":
+    if int8:
+        if where.type != "cpu":
+            raise ModelError(f"device: {run.path} is a torch dynamic int8 variant, which runs on the CPU only")
         # int8 PyTorch weights cannot be stored as safetensors, so the variant keeps fp32 weights and
         # quantizes them as it loads (deterministic: the same int8 weights every time).
         from tuneforge.models.quantized import quantize_torch_dynamic
 
         model = quantize_torch_dynamic(model)
-    return TorchClassifier(model), tokenizer, form
+    return TorchClassifier(model.to(where)), tokenizer, form

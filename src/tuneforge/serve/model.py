@@ -111,7 +111,14 @@ def load_predictor(settings: ServeSettings) -> ServableModel:
 
     # The server forms its own batches; the Predictor's batch size only caps one forward pass.
     # No spinning: idle ONNX Runtime threads would busy-wait on the cores the event loop needs.
-    return Predictor(settings.run_dir, threads=settings.threads, form=settings.form, batch_size=64, spin=False)
+    return Predictor(
+        settings.run_dir,
+        threads=settings.threads,
+        form=settings.form,
+        batch_size=64,
+        spin=False,
+        device=settings.device,
+    )
 
 
 def run_version(run_dir: Path) -> str:

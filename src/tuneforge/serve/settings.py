@@ -15,6 +15,7 @@ API_KEY_ENV = "TUNEFORGE_API_KEY"
 # separately, in API_KEY_ENV, so that it never shows in a process listing or a settings dump).
 SETTINGS_ENV = "TUNEFORGE_SERVE_SETTINGS"
 FORMS = ("auto", "model", "adapter", "onnx")
+DEVICES = ("cpu", "cuda", "auto")  # as tuneforge.models.runs.DEVICES (not imported: the settings load light)
 # With --truncate a text may be this many times --max-chars long before it is refused: it is cut
 # anyway, and the bound keeps the work per request (and the body size limit) finite.
 TRUNCATE_FACTOR = 10
@@ -41,6 +42,7 @@ class ServeSettings:
     root_path: str = ""  # the prefix a reverse proxy serves the app under (it strips it), e.g. /api
     form: str = "auto"
     threads: int | None = None  # torch/ONNX Runtime threads; None: the library default
+    device: str = "cpu"  # cpu, cuda or auto (the GPU when there is one)
     retry_after_s: int = 1
     drain_timeout_s: float = 30.0  # graceful shutdown: how long queued work may take to finish
     request_timeout_s: float = 30.0  # a request's time in the queue and the model, at most
@@ -66,6 +68,7 @@ class ServeSettings:
             ),
             ("--form", self.form in FORMS, f"must be one of {', '.join(FORMS)}"),
             ("--threads", self.threads is None or self.threads >= 1, "must be at least 1"),
+            ("--device", self.device in DEVICES, f"must be one of {', '.join(DEVICES)}"),
             ("--api-key", self.api_key is None or len(self.api_key) >= 8, "must be at least 8 characters"),
             ("--drain-timeout", 0 < self.drain_timeout_s <= 3600, "must be in (0, 3600] seconds"),
             ("--request-timeout", 0 < self.request_timeout_s <= 3600, "must be in (0, 3600] seconds"),
