@@ -95,8 +95,10 @@ def teacher_targets(
     batch_size: int = 128,
     on_batch: Callable[[int], None] | None = None,
     on_cached: Callable[[int], None] | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
-    """The teacher run's logits ``[len(texts), len(labels)]`` on ``texts``, in input order.
+    """The teacher run's logits ``[len(texts), len(labels)]`` on ``texts``, in input order (on the CPU; the
+    teacher runs on ``device``, default the CPU).
 
     Only the rows in ``needed`` (default: all) are filled; the others are zeros, for examples whose
     loss does not read the teacher (labelled rows when ``alpha`` is 0). Rows the teacher has scored
@@ -135,6 +137,7 @@ def teacher_targets(
             model, tokenizer = load_run_classifier(run)
         except TuneforgeError as exc:
             raise ConfigError(f"distill.teacher: {exc}") from None
+        model.to(device or torch.device("cpu"))
         for start in range(0, len(missing), CACHE_CHUNK):
             chunk = missing[start : start + CACHE_CHUNK]
             chunk_texts = [texts[i] for i in chunk]

@@ -393,7 +393,8 @@ def _teacher_logits(
     needed = list(range(n_labelled, len(texts))) if cfg.distill.alpha == 0 else None
     if here.enabled:
         needed = shard(list(range(len(texts))) if needed is None else needed, here)
-    return sum_tensor(teacher_pass(cfg, texts, labels, console, show_progress, needed=needed), here)
+    logits = teacher_pass(cfg, texts, labels, console, show_progress, needed=needed, device=here.device)
+    return sum_tensor(logits, here)
 
 
 def _start_run_dir(run: RunDir, cfg: RunConfig, data: PreparedData) -> None:

@@ -171,9 +171,10 @@ def teacher_pass(
     show_progress: bool,
     *,
     needed: list[int] | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
-    """The distillation teacher's logits on ``texts`` (only the ``needed`` rows, if given), with a
-    progress bar: it can take as long as the training."""
+    """The distillation teacher's logits on ``texts`` (only the ``needed`` rows, if given; the teacher on
+    ``device``), with a progress bar: it can take as long as the training."""
     with progress_bar(console, show_progress) as progress:
         total = len(texts) if needed is None else len(needed)
         task = progress.add_task("teacher", total=total, info=str(cfg.distill.teacher))
@@ -184,6 +185,7 @@ def teacher_pass(
             needed=needed,
             on_batch=lambda done: progress.advance(task, done),
             on_cached=lambda found: progress.advance(task, found),
+            device=device,
         )
 
 
