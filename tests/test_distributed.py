@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -211,13 +212,17 @@ def test_a_resumed_two_process_run_matches_an_uninterrupted_one(
     straight = run_cli(["train", str(configs["straight"]), "--no-progress", "--nproc", "2"])
     assert straight.returncode == 0, straight.stderr
 
-    for name in ("killed", "fewer"):
-        killed = torchrun_faulted_at(11, 2, ["train", str(configs[name]), "--no-progress"], env={FAULT_RANK_ENV: "1"})
-        assert killed.returncode != 0
-        state = json.loads((tmp_path / f"{name}.partial" / "checkpoints" / "last" / "state.json").read_text())
-        assert state["loop"]["step"] == 8
+    killed = torchrun_faulted_at(11, 2, ["train", str(configs["killed"]), "--no-progress"], env={FAULT_RANK_ENV: "1"})
+    assert killed.returncode != 0
+    state = json.loads((tmp_path / "killed.partial" / "checkpoints" / "last" / "state.json").read_text())
+    assert state["loop"]["step"] == 8
     saved = load_file(tmp_path / "killed.partial" / "checkpoints" / "last" / "optimizer.safetensors")
     assert {"__rng_torch__", "__rng_torch__.1"} <= set(saved), "both processes' random states are kept"
+    # A copy of the interrupted run, for "fewer" to resume on 1 process (its config names its own folder).
+    shutil.copytree(tmp_path / "killed.partial", tmp_path / "fewer.partial")
+    saved_config = yaml.safe_load((tmp_path / "fewer.partial" / "config.yaml").read_text())
+    saved_config["output"]["dir"] = str(tmp_path / "fewer")
+    (tmp_path / "fewer.partial" / "config.yaml").write_text(yaml.safe_dump(saved_config))
 
     resumed = run_cli(["train", str(configs["killed"]), "--resume", "--no-progress", "--nproc", "2"])
     assert resumed.returncode == 0, resumed.stderr
@@ -232,12 +237,25 @@ def test_a_resumed_two_process_run_matches_an_uninterrupted_one(
     assert info["steps"] == 24 and info["epochs_completed"] == 3
 
 
-def test_nproc_is_checked_before_any_process_starts(tiny_model_dir: Path, tiny_data: dict, tmp_path: Path) -> None:
+def test_nproc_is_checked_before_any_process_starts(
+    tiny_model_dir: Path,
+    tiny_data: dict,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tuneforge import cli
+
     config = _write(_config(tiny_model_dir, tiny_data, tmp_path / "run"), tmp_path / "c.yaml")
-    bad = run_cli(["train", str(config), "--nproc", "0"])
-    assert bad.returncode == 2 and "error: --nproc: must be at least 1" in bad.stderr
-    nested = run_cli(["train", str(config), "--nproc", "2"], env={"WORLD_SIZE": "2", "RANK": "0"})
-    assert nested.returncode == 2 and "already started by a launcher" in nested.stderr
+    assert cli.main(["train", str(config), "--nproc", "0"]) == 2
+    assert "error: --nproc: must be at least 1" in capsys.readouterr().err
+    semi = _config(tiny_model_dir, tiny_data, tmp_path / "run", semi_supervised={})
+    semi["data"]["unlabeled"] = str(tiny_data["test"])
+    assert cli.main(["train", str(_write(semi, tmp_path / "semi.yaml")), "--nproc", "2"]) == 2
+    assert "train.semi_supervised: self-training runs on one process" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["train", str(config), "--nproc", "2"]) == 2
+    assert "already started by a launcher" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
