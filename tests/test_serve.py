@@ -265,6 +265,8 @@ def test_too_many_texts_is_422(real_client: TestClient) -> None:
     [error] = response.json()["detail"]
     assert error["loc"] == ["body", "texts"]
     assert error["msg"] == "9 texts in one request; the limit is 8: split it"
+    # The classification server counts these refusals by reason (its hook on the shared error handlers).
+    assert 'tuneforge_rejected_requests_total{reason="too_many_texts"}' in real_client.get("/metrics").text
 
 
 def test_too_long_text_is_422(real_client: TestClient) -> None:

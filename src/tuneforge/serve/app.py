@@ -237,6 +237,65 @@ def validation_errors(errors: Sequence[dict[str, Any]], limit: int = MAX_ERRORS)
     return shown
 
 
+def install_error_handlers(
+    app: FastAPI, *, on_validation_error: Callable[[Sequence[dict[str, Any]]], None] | None = None
+) -> None:
+    """Every error answer of ``app`` is JSON ``{"detail", "request_id"}``, never a traceback: :class:`ApiError`,
+    Starlette's HTTP errors, invalid requests (422, each error as where and what, see :func:`validation_errors`)
+    and anything unexpected (500, logged with the request id). ``on_validation_error`` sees a request's
+    validation errors before the answer (the classification server counts refused requests by reason)."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.detail, request_id_of(request), exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), request_id_of(request), dict(exc.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if on_validation_error is not None:
+            on_validation_error(errors)
+        return error_response(422, validation_errors(errors), request_id_of(request))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Fallback only: RequestContextMiddleware answers errors raised by the routes itself.
+        rid = request_id_of(request)
+        logger.error("request %s failed", rid, exc_info=exc)
+        return error_response(500, INTERNAL_ERROR, rid)
+
+
+def install_middleware(app: FastAPI, settings: ServeSettings, metrics: ServeMetrics) -> None:
+    """Request id, API key, body size limit and metrics for every request; CORS when origins are configured.
+    Call it last: the last middleware added runs first, and CORS must be outermost, so that preflight
+    requests never need a key."""
+    app.add_middleware(RequestContextMiddleware, settings=settings, metrics=metrics)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "Authorization", "X-API-Key", "X-Request-ID"],
+            expose_headers=["X-Request-ID"],
+        )
+
+
+# For the served pages (inline script and style, no outside resources): the browser refuses to load anything
+# from elsewhere, and no other site may frame them.
+PAGE_POLICY = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'"
+)
+
+
+def self_contained_page(page: str) -> HTMLResponse:
+    """``page`` (a self-contained HTML page) with :data:`PAGE_POLICY` as its Content-Security-Policy."""
+    return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY, "X-Content-Type-Options": "nosniff"})
+
+
 def _rank(probabilities: np.ndarray, labels: list[str], top_k: int) -> list[list[tuple[str, float]]]:
     k = min(top_k, len(labels))
     # argsort of the negated row: highest first; stable, so ties keep label order.
@@ -313,29 +372,12 @@ def create_app(settings: ServeSettings, *, model_factory: ModelFactory | None = 
     )
     app.state.serve = state
 
-    # --- errors: always JSON with the request id, never a traceback -------------------------------
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.detail, request_id_of(request), exc.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), request_id_of(request), dict(exc.headers or {}))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
+    def count_rejected(errors: Sequence[dict[str, Any]]) -> None:
         for reason, kind in (("too_many_texts", "too_long"), ("text_too_long", "string_too_long")):
             if any(error.get("type") == kind for error in errors):
                 state.metrics.rejected.labels(reason).inc()
-        return error_response(422, validation_errors(errors), request_id_of(request))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # Fallback only: RequestContextMiddleware answers errors raised by the routes itself.
-        rid = request_id_of(request)
-        logger.error("request %s failed", rid, exc_info=exc)
-        return error_response(500, INTERNAL_ERROR, rid)
+    install_error_handlers(app, on_validation_error=count_rejected)
 
     # --- routes ----------------------------------------------------------------------------------
     # These two declare the accepted credentials for /docs ("Authorize"); the middleware enforces them.
@@ -516,12 +558,7 @@ def create_app(settings: ServeSettings, *, model_factory: ModelFactory | None = 
 
     @app.get("/", include_in_schema=False)
     async def playground() -> HTMLResponse:
-        # The page is self-contained; this policy also stops it from loading anything from elsewhere.
-        policy = (
-            "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
-            "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'"
-        )
-        return HTMLResponse(page, headers={"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff"})
+        return self_contained_page(page)
 
     if swagger_dir:
         app.mount("/docs/static", StaticFiles(directory=swagger_dir), name="docs-static")
@@ -538,16 +575,7 @@ def create_app(settings: ServeSettings, *, model_factory: ModelFactory | None = 
                 swagger_favicon_url=f"{root}/docs/static/favicon-32x32.png",
             )
 
-    # Middleware: the last added runs first. CORS outermost, so preflight requests never need a key.
-    app.add_middleware(RequestContextMiddleware, settings=settings, metrics=state.metrics)
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST"],
-            allow_headers=["Content-Type", "Authorization", "X-API-Key", "X-Request-ID"],
-            expose_headers=["X-Request-ID"],
-        )
+    install_middleware(app, settings, state.metrics)
     return app
 
 

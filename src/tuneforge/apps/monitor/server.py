@@ -28,13 +28,10 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tuneforge.apps.monitor import views
 from tuneforge.apps.monitor.config import ColumnsConfig, MonitorConfig, parse_duration
@@ -46,11 +43,11 @@ from tuneforge.errors import TuneforgeError
 from tuneforge.explain.core import explain_occlusion, label_index, words_to_explain
 from tuneforge.explain.occlusion import occlusion_texts
 from tuneforge.rundir import open_run_dir
-from tuneforge.serve.app import ApiError, validation_errors
+from tuneforge.serve.app import ApiError, install_error_handlers, install_middleware, self_contained_page
 from tuneforge.serve.batcher import BatcherClosedError, DynamicBatcher, InferenceTimeoutError, QueueTimeoutError
 from tuneforge.serve.explainer import EXPLAIN_CHUNK, ExplainBusyError, ExplainLane
 from tuneforge.serve.metrics import ServeMetrics
-from tuneforge.serve.middleware import INTERNAL_ERROR, RequestContextMiddleware, error_response, request_id_of
+from tuneforge.serve.middleware import request_id_of
 from tuneforge.serve.server import _check_port, configure_logging, startup_warnings
 from tuneforge.serve.settings import ServeSettings
 
@@ -348,23 +345,7 @@ def create_monitor_app(
     )
     app.state.monitor = state
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.detail, request_id_of(request), exc.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), request_id_of(request), dict(exc.headers or {}))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, validation_errors(exc.errors()), request_id_of(request))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        rid = request_id_of(request)
-        logger.error("request %s failed", rid, exc_info=exc)
-        return error_response(500, INTERNAL_ERROR, rid)
+    install_error_handlers(app)
 
     def window_of(window: str | None) -> tuple[str, float]:
         if window is None:
@@ -574,22 +555,9 @@ def create_monitor_app(
 
     @app.get("/", include_in_schema=False)
     async def dashboard() -> HTMLResponse:
-        # Self-contained (inline script and style, SVG charts); the policy stops it loading anything from elsewhere.
-        policy = (
-            "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
-            "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'"
-        )
-        return HTMLResponse(page, headers={"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff"})
+        return self_contained_page(page)  # inline script and style, SVG charts
 
-    app.add_middleware(RequestContextMiddleware, settings=settings, metrics=state.metrics)
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST"],
-            allow_headers=["Content-Type", "Authorization", "X-API-Key", "X-Request-ID"],
-            expose_headers=["X-Request-ID"],
-        )
+    install_middleware(app, settings, state.metrics)
     return app
 
 
