@@ -17,7 +17,7 @@ import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -43,7 +43,8 @@ def configure_logging(level: str) -> None:
     logger.setLevel(level.upper())
 
 
-def _check_port(host: str, port: int) -> None:
+def check_port(host: str, port: int) -> None:
+    """Fails fast (one line, before uvicorn starts) when ``host:port`` cannot be listened on."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -70,7 +71,7 @@ def prepare_settings(settings: ServeSettings) -> ServeSettings:
     if settings.threads is None and settings.workers > 1:
         # Workers share the cores; each taking all of them would oversubscribe the machine.
         settings = replace(settings, threads=max(1, (os.cpu_count() or 1) // settings.workers))
-    _check_port(settings.host, settings.port)
+    check_port(settings.host, settings.port)
     return settings
 
 
@@ -83,6 +84,44 @@ def startup_warnings(settings: ServeSettings) -> list[str]:
             "model; set TUNEFORGE_API_KEY or --api-key-file"
         )
     return warnings
+
+
+def base_url(settings: ServeSettings) -> str:
+    """The server's address as a browser wants it (an IPv6 host in brackets)."""
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+def announce(settings: ServeSettings, line: str, console: Console | None = None) -> None:
+    """What the server serves (``line``) and then :func:`startup_warnings`, on stderr."""
+    console = console or Console(stderr=True)
+    console.print(line, highlight=False)
+    for warning in startup_warnings(settings):
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+
+
+def uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
+    """uvicorn's options for ``settings``, the same for one process and for workers."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        # An access line per request costs more than a batched classification at high load.
+        "access_log": settings.log_level == "debug",
+        # Whole seconds for uvicorn; rounded up, so that 0.5 s never becomes "no wait at all".
+        "timeout_graceful_shutdown": math.ceil(settings.drain_timeout_s),
+        "server_header": False,
+        "root_path": settings.root_path,
+    }
+
+
+def serve_app(app: FastAPI, settings: ServeSettings) -> int:
+    """Serves ``app`` in this process until SIGTERM or Ctrl+C; 1 if it never started (the port was taken)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, **uvicorn_options(settings)))
+    server.run()
+    return 0 if server.started else 1
 
 
 def app_from_env() -> FastAPI:
@@ -101,36 +140,23 @@ def run_server(settings: ServeSettings, *, console: Console | None = None) -> in
 
     settings = prepare_settings(settings)
     configure_logging(settings.log_level)
-    console = console or Console(stderr=True)
-    where = f"http://{'[' + settings.host + ']' if ':' in settings.host else settings.host}:{settings.port}"
-    console.print(
+    where = base_url(settings)
+    announce(
+        settings,
         f"serving [bold]{settings.run_dir}[/bold] on {where}  (playground {where}/, API docs {where}/docs"
         f"{', API key required' if settings.api_key else ''})",
-        highlight=False,
+        console,
     )
-    for warning in startup_warnings(settings):
-        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
-    common = {
-        "host": settings.host,
-        "port": settings.port,
-        "log_level": settings.log_level,
-        # An access line per request costs more than a batched classification at high load.
-        "access_log": settings.log_level == "debug",
-        # Whole seconds for uvicorn; rounded up, so that 0.5 s never becomes "no wait at all".
-        "timeout_graceful_shutdown": math.ceil(settings.drain_timeout_s),
-        "server_header": False,
-        "root_path": settings.root_path,
-    }
     if settings.workers == 1:
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), **common))
-        server.run()
-        return 0 if server.started else 1
+        return serve_app(create_app(settings), settings)
     # Worker processes are started fresh by uvicorn and rebuild the app from the environment; their
     # metrics go to a folder of this server's own, so that a scrape of any worker counts all of them.
     metrics_dir = tempfile.mkdtemp(prefix="tuneforge-metrics-")
     os.environ.update({**settings.to_env(), MULTIPROC_ENV: metrics_dir})
     try:
-        uvicorn.run("tuneforge.serve.server:app_from_env", factory=True, workers=settings.workers, **common)
+        uvicorn.run(
+            "tuneforge.serve.server:app_from_env", factory=True, workers=settings.workers, **uvicorn_options(settings)
+        )
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0

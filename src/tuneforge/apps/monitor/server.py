@@ -48,7 +48,7 @@ from tuneforge.serve.batcher import BatcherClosedError, DynamicBatcher, Inferenc
 from tuneforge.serve.explainer import EXPLAIN_CHUNK, ExplainBusyError, ExplainLane
 from tuneforge.serve.metrics import ServeMetrics
 from tuneforge.serve.middleware import request_id_of
-from tuneforge.serve.server import _check_port, configure_logging, startup_warnings
+from tuneforge.serve.server import announce, base_url, check_port, configure_logging, serve_app
 from tuneforge.serve.settings import ServeSettings
 
 logger = logging.getLogger("tuneforge.serve.monitor")
@@ -569,39 +569,22 @@ def prepare(config: MonitorConfig, settings: ServeSettings) -> None:
     settings.validate()
     run = open_run_dir(config.scoring.run)
     label_roles(run.labels(), config.scoring.labels, run.path)
-    _check_port(settings.host, settings.port)
+    check_port(settings.host, settings.port)
     Store(config.store.path).close()  # made (or checked, and its window sums built) before clients come
 
 
 def run_monitor_server(
     config: MonitorConfig, settings: ServeSettings, *, read_source: bool = True, console: Console | None = None
 ) -> int:
-    import uvicorn
-
     prepare(config, settings)
     configure_logging(settings.log_level)
-    console = console or Console(stderr=True)
-    where = f"http://{'[' + settings.host + ']' if ':' in settings.host else settings.host}:{settings.port}"
+    where = base_url(settings)
     source = config.source
     reading = f", reading {source.path}" if read_source and source.type != "stdin" else ""
-    console.print(
+    announce(
+        settings,
         f"monitor: dashboard {where}/, ingest POST {where}/v1/ingest{reading}; store {config.store.path}"
         f"{' (API key required)' if settings.api_key else ''}",
-        highlight=False,
+        console,
     )
-    for warning in startup_warnings(settings):
-        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_monitor_app(config, settings, read_source=read_source),
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-            access_log=settings.log_level == "debug",
-            timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
-            server_header=False,
-            root_path=settings.root_path,
-        )
-    )
-    server.run()
-    return 0 if server.started else 1
+    return serve_app(create_monitor_app(config, settings, read_source=read_source), settings)
