@@ -72,6 +72,9 @@ def test_missing_required_key_and_bad_yaml(tmp_path: Path) -> None:
         load_config(bad)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+    bad.write_text("- data\n- train\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: the config must be a mapping of sections \(model, data"):
+        load_config(bad)
 
 
 def test_relative_data_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:

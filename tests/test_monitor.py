@@ -180,6 +180,9 @@ def test_yaml_paths_are_relative_to_the_file_and_set_overrides_apply(tmp_path: P
     with pytest.raises(ConfigError, match=r"m\.yaml: windows"):
         load_monitor_config(path, ["windows=[]"])
     assert parse_duration("90s") == 90 and parse_duration("1.5h") == 5400
+    path.write_text("- scoring\n- store\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"m\.yaml: the monitor config must be a mapping of sections \(scoring"):
+        load_monitor_config(path)
 
 
 def test_label_roles_are_checked_against_the_run_labels(tmp_path: Path) -> None:

@@ -564,7 +564,11 @@ def validate_data_config(raw: dict[str, Any]) -> DataConfig:
         raise ConfigError(_format_validation_error(exc, ("data",))) from None
 
 
-def _read_mapping(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(
+    path: Path, *, what: str = "the config must be a mapping of sections (model, data, train, output)"
+) -> dict[str, Any]:
+    """The YAML mapping in ``path`` (empty file: ``{}``); a missing file, bad YAML or anything but a mapping is a
+    one-line :class:`ConfigError` naming the file. ``what`` says what the file should hold, for that last case."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -572,14 +576,14 @@ def _read_mapping(path: Path) -> dict[str, Any]:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the config must be a mapping of sections (model, data, train, output)")
+        raise ConfigError(f"{path}: {what}")
     return raw
 
 
 def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config, apply ``--set`` overrides and validate it."""
     path = Path(path)
-    raw = apply_overrides(_read_mapping(path), overrides or [])
+    raw = apply_overrides(read_yaml_mapping(path), overrides or [])
     return validate_config(raw, base_dir=path.parent)
 
 
@@ -592,7 +596,7 @@ def load_saved_config(path: Path | str) -> RunConfig:
     not next to the config.
     """
     path = Path(path)
-    raw = _read_mapping(path)
+    raw = read_yaml_mapping(path)
     try:
         config = _validate(raw)
     except ConfigError as exc:

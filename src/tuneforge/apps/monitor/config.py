@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tuneforge.config import apply_overrides
+from tuneforge.config import apply_overrides, read_yaml_mapping
 from tuneforge.errors import ConfigError
 
 # What a rule may watch: the fields of one window's aggregate (tuneforge.apps.monitor.aggregate.Window).
@@ -357,22 +356,10 @@ def validate_monitor_config(raw: dict[str, Any], base_dir: Path | None = None) -
     return config
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the monitor config must be a mapping of sections (scoring, source, rules, ...)")
-    return raw
-
-
 def load_monitor_config(path: Path | str, overrides: list[str] | None = None) -> MonitorConfig:
     """Read a monitor YAML, apply ``--set key=value`` overrides and validate it."""
     path = Path(path)
-    raw = _read_yaml(path)
+    raw = read_yaml_mapping(path, what="the monitor config must be a mapping of sections (scoring, source, rules, ...)")
     # Paths written in the file are relative to the file; those given with --set, to the working directory.
     base_dir = path.parent.absolute()
     for section, key in _PATHS:
