@@ -138,10 +138,32 @@ def find_chromium() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
+NO_SELENIUM = "selenium is not installed (pip install -e '.[dev]')"
+# Screenshots of the browser tests, for a person to look at.
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+
+def browser_tests() -> pytest.MarkDecorator:
+    """Called at the top of a module of browser tests: skips the module where selenium is not installed, and
+    returns its ``pytestmark``, which skips each test, with the reason, where no Chromium or driver is found."""
+    pytest.importorskip("selenium", reason=NO_SELENIUM)
+    return pytest.mark.skipif(
+        find_chromium() is None,
+        reason="no headless Chromium found: install Debian's chromium and chromium-driver (make test does so as root)",
+    )
+
+
+def wait_until(browser: Any, condition: Any, timeout: float = 20) -> Any:
+    """What ``condition(browser)`` returns once it is truthy; Selenium's TimeoutException after ``timeout`` s."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, timeout).until(condition)
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """Headless Chromium driven by Selenium; the test is skipped, with the reason, where it is missing."""
-    pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[dev]')")
+    pytest.importorskip("selenium", reason=NO_SELENIUM)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import find_chromium
+from tests.conftest import ARTIFACTS, browser_tests, wait_until
 from tests.test_explain import train_learned_run
 from tests.test_serve import UvicornThread, settings_for
 from tuneforge.cli import main
@@ -18,24 +18,13 @@ from tuneforge.serve.app import create_app
 
 torch.set_num_threads(1)
 
-ARTIFACTS = Path(__file__).parent / "artifacts"
-selenium = pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[dev]')")
-pytestmark = pytest.mark.skipif(
-    find_chromium() is None,
-    reason="no headless Chromium found: install Debian's chromium and chromium-driver (make test does so as root)",
-)
+pytestmark = browser_tests()
 SCORE = re.compile(r"^(?P<word>\S+): (?P<score>[+\u2212-]\d\.\d{3}), (for|against|neutral to) happy$")
 
 
 @pytest.fixture(scope="module")
 def learned_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_learned_run(tiny_model_dir, tmp_path_factory.mktemp("learned-run"))
-
-
-def _wait(browser: Any, condition: Any, timeout: float = 20) -> Any:
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(browser, timeout).until(condition)
 
 
 def _score(label: str) -> float:
@@ -51,11 +40,11 @@ def test_playground_highlights_the_words_behind_an_answer(browser: Any, learned_
     with UvicornThread(create_app(settings_for(learned_run, max_wait_ms=1))) as server:
         server.wait_ready()
         browser.get(server.url + "/")
-        _wait(browser, lambda b: "labels, version" in b.find_element(By.ID, "status").text)
+        wait_until(browser, lambda b: "labels, version" in b.find_element(By.ID, "status").text)
         text_box = browser.find_element(By.ID, "text")
         text_box.send_keys("the acting was superb")
         text_box.send_keys(Keys.CONTROL, Keys.ENTER)
-        _wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#results button.explain"))
+        wait_until(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#results button.explain"))
         assert browser.find_element(By.CSS_SELECTOR, "#results .top").text == "happy"
 
         # Reached and pressed with the keyboard: Tab from the Classify button lands on it.
@@ -63,7 +52,7 @@ def test_playground_highlights_the_words_behind_an_answer(browser: Any, learned_
         button = browser.switch_to.active_element
         assert button.text == "Show the words behind \u201chappy\u201d"
         button.send_keys(Keys.ENTER)
-        _wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "#results .explanation mark")) == 4)
+        wait_until(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "#results .explanation mark")) == 4)
 
         marks = browser.find_elements(By.CSS_SELECTOR, "#results .explanation mark")
         assert [m.text for m in marks] == ["the", "acting", "was", "superb"]
@@ -98,7 +87,7 @@ def test_playground_highlights_the_words_behind_an_answer(browser: Any, learned_
         text_box.send_keys("a " * 130)
         text_box.send_keys(Keys.CONTROL, Keys.ENTER)
         # The new answer replaces the old one, explanation and all.
-        _wait(
+        wait_until(
             browser,
             lambda b: (
                 b.find_elements(By.CSS_SELECTOR, "#results button.explain")
@@ -106,7 +95,7 @@ def test_playground_highlights_the_words_behind_an_answer(browser: Any, learned_
             ),
         )
         browser.find_element(By.CSS_SELECTOR, "#results button.explain").click()
-        _wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#results .explanation .failed"))
+        wait_until(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#results .explanation .failed"))
         failed = browser.find_element(By.CSS_SELECTOR, "#results .explanation .failed").text
         assert "130 words; the limit is 128" in failed
 

@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import torch
 
-from tests.conftest import find_chromium
+from tests.conftest import ARTIFACTS, browser_tests, wait_until
 from tests.test_monitor import T0, TINY_ROLES, iso_at, raw_config
 from tests.test_serve import UvicornThread
 from tuneforge.apps.monitor.config import validate_monitor_config
@@ -23,12 +22,7 @@ from tuneforge.apps.monitor.sinks import Sinks
 
 torch.set_num_threads(1)
 
-ARTIFACTS = Path(__file__).parent / "artifacts"
-selenium = pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[dev]')")
-pytestmark = pytest.mark.skipif(
-    find_chromium() is None,
-    reason="no headless Chromium found: install Debian's chromium and chromium-driver (make test does so as root)",
-)
+pytestmark = browser_tests()
 COMPANIES = {"Acme Corp": ("ACME", 6), "Globex": ("GLBX", 4), "Initech": ("INIT", 3)}  # name: (ticker, items an hour)
 HEADLINES = [
     "{name} confirms the date of its earnings call",
@@ -70,12 +64,6 @@ def invented_day() -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: row["timestamp"])
 
 
-def _wait(browser: Any, condition: Any, timeout: float = 30) -> Any:
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(browser, timeout).until(condition)
-
-
 def test_the_dashboard_shows_entities_series_alerts_and_the_texts_behind_one(
     browser: Any, trained_tiny_run: Path, tmp_path: Path
 ) -> None:
@@ -107,7 +95,9 @@ def test_the_dashboard_shows_entities_series_alerts_and_the_texts_behind_one(
 
         browser.set_window_size(1280, 1700)
         browser.get(server.url + "/")
-        _wait(browser, lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "true")
+        wait_until(
+            browser, lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "true", timeout=30
+        )
         status = browser.find_element(By.ID, "status").text
         assert status.startswith(f"{len(rows)} items \u00b7 3 entities \u00b7 2 alerts"), status
 
@@ -131,20 +121,20 @@ def test_the_dashboard_shows_entities_series_alerts_and_the_texts_behind_one(
         assert len(listed) == 2 and all("18:00 UTC" in b.text for b in listed)
         acme = next(b for b in listed if "ACME" in b.text)
         acme.send_keys(Keys.ENTER)
-        _wait(browser, lambda b: b.find_element(By.ID, "drill").is_displayed())
+        wait_until(browser, lambda b: b.find_element(By.ID, "drill").is_displayed(), timeout=30)
         assert browser.switch_to.active_element == browser.find_element(By.ID, "drill-heading")
         assert browser.find_element(By.ID, "drill-heading").text.startswith("ACME: volume-spike, 1h window from")
         texts = browser.find_elements(By.CSS_SELECTOR, "#texts > li")
         assert len(texts) == 20
         assert all("Acme Corp" in t.find_element(By.CSS_SELECTOR, ".text").text for t in texts)
-        _wait(browser, lambda b: b.find_element(By.ID, "series-heading").text == "ACME, 1h windows")
+        wait_until(browser, lambda b: b.find_element(By.ID, "series-heading").text == "ACME, 1h windows", timeout=30)
 
         # The words behind the first text, asked for with the keyboard.
         first = texts[0]
         words = first.find_element(By.CSS_SELECTOR, ".text").text.split()
         why = first.find_element(By.CSS_SELECTOR, "button.why")
         why.send_keys(Keys.ENTER)
-        _wait(browser, lambda b: first.find_elements(By.CSS_SELECTOR, ".explanation mark"))
+        wait_until(browser, lambda b: first.find_elements(By.CSS_SELECTOR, ".explanation mark"), timeout=30)
         marks = first.find_elements(By.CSS_SELECTOR, ".explanation mark")
         assert [m.text for m in marks] == words
         label = re.compile(r"^\S+: [+\u2212]\d\.\d{3}, (for|against|neutral to) (happy|sad|meh)$")
