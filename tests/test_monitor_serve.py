@@ -23,7 +23,7 @@ import yaml
 from fastapi.testclient import TestClient
 
 from tests.test_monitor import HOUR, RULES, T0, TINY_ROLES, KeywordScorer, iso_at, raw_config, stream_rows, write_jsonl
-from tests.test_serve import free_port
+from tests.test_serve import free_port, wait_for_process_ready
 from tuneforge.apps.monitor import rollup, views
 from tuneforge.apps.monitor.aggregate import series
 from tuneforge.apps.monitor.config import MonitorConfig, validate_monitor_config
@@ -377,16 +377,7 @@ def test_monitor_serve_runs_as_a_command_and_stops_on_sigterm(trained_tiny_run: 
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.communicate()[1]
-            assert time.monotonic() < deadline, "the monitor did not become ready"
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        wait_for_process_ready(process, url, timeout=120)
         items = [{"id": str(i), "timestamp": iso_at(T0 + i * 60), "text": f"ACME news {i}"} for i in range(5)]
         response = httpx.post(f"{url}/v1/ingest", json={"items": items}, headers={"X-API-Key": KEY}, timeout=60)
         assert response.status_code == 200 and response.json()["stored"] == 5

@@ -47,6 +47,20 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def wait_for_process_ready(process: subprocess.Popen[str], url: str, timeout: float = 90) -> None:
+    """Until ``url``/ready answers 200; fails with the server's stderr if the process ends first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, "the server did not become ready"
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+
+
 class UvicornThread:
     """A real uvicorn server on a free loopback port, in a thread of the test process."""
 
@@ -830,16 +844,7 @@ def test_serve_cli_runs_and_stops_cleanly_on_sigterm(tiny_run: Path) -> None:
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, process.communicate()[1]
-            assert time.monotonic() < deadline, "server not ready"
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        wait_for_process_ready(process, url)
         response = httpx.post(f"{url}/v1/classify", json={"text": "superb acting"}, headers={"X-API-Key": KEY})
         assert response.status_code == 200 and response.json()["predictions"][0]["label"] in LABELS
         assert httpx.post(f"{url}/v1/classify", json={"text": "no key"}).status_code == 401
