@@ -256,17 +256,9 @@ def test_bad_transfer_and_augmentation_input_names_the_key(
     assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists(), "bad input leaves nothing behind"
 
 
-def test_the_teachers_logits_are_cached_per_text_across_runs(
-    teacher_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _count_teacher_scoring(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets the number of texts of each call of the teacher (which still answers as before)."""
     import tuneforge.train.distill as distill_module
-    from tuneforge.config import DistillConfig
-
-    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path / "cache"))
-    cfg = DistillConfig(teacher=teacher_run)
-    labels = RunDir(teacher_run).labels()
-    first_texts = [text for text, _ in make_rows(20, seed=11)]
-    first = teacher_targets(cfg, first_texts, labels)
 
     scored: list[int] = []
     real_predict = distill_module.predict_logits
@@ -275,6 +267,21 @@ def test_the_teachers_logits_are_cached_per_text_across_runs(
         "predict_logits",
         lambda model, encoded, **kw: scored.append(len(encoded)) or real_predict(model, encoded, **kw),
     )
+    return scored
+
+
+def test_the_teachers_logits_are_cached_per_text_across_runs(
+    teacher_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tuneforge.config import DistillConfig
+
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path / "cache"))
+    cfg = DistillConfig(teacher=teacher_run)
+    labels = RunDir(teacher_run).labels()
+    first_texts = [text for text, _ in make_rows(20, seed=11)]
+    first = teacher_targets(cfg, first_texts, labels)
+
+    scored = _count_teacher_scoring(monkeypatch)
     new_texts = [text for text, _ in make_rows(5, seed=12) if text not in first_texts]
     again = teacher_targets(cfg, [*reversed(first_texts), *new_texts], labels)
     assert scored == [len(new_texts)], "only the texts the teacher has not seen are scored"
@@ -303,16 +310,8 @@ def test_the_teachers_logits_are_cached_per_text_across_runs(
 def test_alpha_zero_transfer_distillation_scores_only_the_transfer_texts(
     tiny_model_dir: Path, tiny_data: dict, teacher_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tuneforge.train.distill as distill_module
-
     monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path / "cache"))
-    scored: list[int] = []
-    real_predict = distill_module.predict_logits
-    monkeypatch.setattr(
-        distill_module,
-        "predict_logits",
-        lambda model, encoded, **kw: scored.append(len(encoded)) or real_predict(model, encoded, **kw),
-    )
+    scored = _count_teacher_scoring(monkeypatch)
     (tmp_path / "u.txt").write_text("\n".join(t for t, _ in make_rows(40, seed=13)), encoding="utf-8")
     raw = _transfer_config(tiny_model_dir, tiny_data, tmp_path / "s", teacher_run, {"file": str(tmp_path / "u.txt")})
     raw["distill"]["alpha"] = 0.0
