@@ -170,3 +170,14 @@ def test_audit_reports_reading_counts(tmp_path: Path) -> None:
     summary = format_audit(prepared.audit)
     assert "read train: blank lines skipped 2" in summary
     assert "labels with spaces stripped 20" in summary and "empty texts dropped 1" in summary
+
+
+def test_a_file_read_as_training_reads_it_is_cleaned_and_never_all_empty(tmp_path: Path) -> None:
+    from tuneforge.data.prepare import read_clean_file
+
+    path = _write(tmp_path / "d.csv", b"text,label\n  Good   Film ,pos\n  ,neg\n")
+    data = read_clean_file(path, DataConfig(train=path, lowercase=True))
+    assert data.texts == ["good film"] and data.read_counts["empty_texts"] == 1
+    empty = _write(tmp_path / "e.csv", b"text,label\n  ,pos\n\t,neg\n")
+    with pytest.raises(DataError, match=r"e\.csv: all 2 texts are empty after cleaning"):
+        read_clean_file(empty, DataConfig(train=empty))

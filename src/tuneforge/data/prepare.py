@@ -69,7 +69,9 @@ def check_known_labels(data: LabelledTexts, labels: list[str]) -> None:
     )
 
 
-def _read_clean(path: Path, cfg: DataConfig, dropped: dict[str, int], name: str) -> LabelledTexts:
+def read_clean_file(path: Path, cfg: DataConfig) -> LabelledTexts:
+    """A labelled file read as ``cfg`` says and cleaned as training cleans it; empty texts are dropped (counted
+    in ``read_counts["empty_texts"]``), a file with none left is a :class:`DataError`."""
     # Cleaned while read, so the raw texts of a large file are never all in memory next to the clean ones.
     data = read_labelled_file(
         path,
@@ -79,10 +81,14 @@ def _read_clean(path: Path, cfg: DataConfig, dropped: dict[str, int], name: str)
         format=cfg.format,
         clean=partial(clean_text, lowercase=cfg.lowercase, chinese_script=cfg.chinese_script),
     )
-    empty = data.read_counts.get("empty_texts", 0)
-    dropped[f"{name}_empty"] = empty
     if not len(data):
-        raise DataError(f"{data.source}: all {empty:,} texts are empty after cleaning")
+        raise DataError(f"{data.source}: all {data.read_counts.get('empty_texts', 0):,} texts are empty after cleaning")
+    return data
+
+
+def _read_clean(path: Path, cfg: DataConfig, dropped: dict[str, int], name: str) -> LabelledTexts:
+    data = read_clean_file(path, cfg)
+    dropped[f"{name}_empty"] = data.read_counts.get("empty_texts", 0)
     return data
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +40,7 @@ from tuneforge.apps.analyze.label_errors import (
     suspects_from,
 )
 from tuneforge.config import DataConfig
-from tuneforge.data import read_labelled_file
-from tuneforge.data.cleaning import clean_text
+from tuneforge.data.prepare import read_clean_file
 from tuneforge.data.readers import LabelledTexts
 from tuneforge.errors import DataError
 from tuneforge.infer.evaluate import eval_data_config
@@ -120,16 +118,7 @@ class Analysis:
 def read_analysis_data(path: Path, cfg: DataConfig, labels: list[str]) -> LabelledTexts:
     """The labelled file, cleaned as in training; every label must be one of the run's (all unknown ones
     are named, with their counts: a typo'd or new label shows at once)."""
-    data = read_labelled_file(
-        path,
-        text_column=cfg.text_column,
-        label_column=cfg.label_column,
-        encoding=cfg.encoding,
-        format=cfg.format,
-        clean=partial(clean_text, lowercase=cfg.lowercase, chinese_script=cfg.chinese_script),
-    )
-    if not len(data):
-        raise DataError(f"{path}: all {data.read_counts.get('empty_texts', 0):,} texts are empty after cleaning")
+    data = read_clean_file(path, cfg)
     known = set(labels)
     unknown = Counter(label for label in data.labels if label not in known)
     if unknown:
