@@ -416,11 +416,8 @@ def _cmd_predict(args: argparse.Namespace, console: Console) -> int:
 
 def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
     from tuneforge.serve.server import run_server
-    from tuneforge.serve.settings import API_KEY_ENV, ServeSettings, read_api_key_file
+    from tuneforge.serve.settings import ServeSettings, resolve_api_key
 
-    if args.api_key and args.api_key_file:
-        raise TuneforgeError("--api-key-file: give the key once, either it or --api-key")
-    api_key = args.api_key or (read_api_key_file(args.api_key_file) if args.api_key_file else None)
     settings = ServeSettings(
         run_dir=args.run_dir,
         host=args.host,
@@ -432,7 +429,7 @@ def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
         max_texts_per_request=args.max_texts,
         max_chars=args.max_chars,
         truncate=args.truncate,
-        api_key=api_key or os.environ.get(API_KEY_ENV) or None,
+        api_key=resolve_api_key(args.api_key, args.api_key_file),
         public_docs=args.public_docs,
         cors_origins=tuple(args.cors_origins),
         form=args.form,

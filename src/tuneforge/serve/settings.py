@@ -146,3 +146,12 @@ def read_api_key_file(path: Path) -> str:
     if not lines or not lines[0].strip():
         raise TuneforgeError(f"--api-key-file: {path} is empty")
     return lines[0].strip()
+
+
+def resolve_api_key(given: str | None, key_file: Path | None) -> str | None:
+    """The key a server requires: ``--api-key``, else the one in ``--api-key-file``, else ``TUNEFORGE_API_KEY``;
+    None (no key) when none is set. Both options at once is an error: which one was meant is a guess."""
+    if given and key_file:
+        raise TuneforgeError("--api-key-file: give the key once, either it or --api-key")
+    key = given or (read_api_key_file(key_file) if key_file else None)
+    return key or os.environ.get(API_KEY_ENV) or None

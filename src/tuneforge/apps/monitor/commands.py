@@ -118,13 +118,10 @@ def run_monitor_command(args: argparse.Namespace, console: Console) -> int:
 
 
 def _serve(args: argparse.Namespace, config: MonitorConfig, console: Console) -> int:
-    import os
-
     from tuneforge.apps.monitor.server import monitor_serve_settings, run_monitor_server
-    from tuneforge.serve.settings import API_KEY_ENV, read_api_key_file
+    from tuneforge.serve.settings import resolve_api_key
 
-    if args.api_key and args.api_key_file:
-        raise TuneforgeError("--api-key-file: give the key once, either it or --api-key")
+    api_key = resolve_api_key(args.api_key, args.api_key_file)
     # Checked here, not by the settings, whose messages name `tuneforge serve`'s --max-texts.
     if args.max_items < 1:
         raise TuneforgeError("--max-items: must be at least 1")
@@ -132,7 +129,6 @@ def _serve(args: argparse.Namespace, config: MonitorConfig, console: Console) ->
         raise TuneforgeError(
             f"--max-queue: must be at least --max-items ({args.max_items}), or a full request never fits"
         )
-    api_key = args.api_key or (read_api_key_file(args.api_key_file) if args.api_key_file else None)
     settings = monitor_serve_settings(
         config,
         host=args.host,
@@ -140,7 +136,7 @@ def _serve(args: argparse.Namespace, config: MonitorConfig, console: Console) ->
         max_texts_per_request=args.max_items,
         max_chars=args.max_chars,
         max_queue=args.max_queue,
-        api_key=api_key or os.environ.get(API_KEY_ENV) or None,
+        api_key=api_key,
         public_docs=args.public_dashboard,
         cors_origins=tuple(args.cors_origins),
         request_timeout_s=args.request_timeout,
