@@ -183,6 +183,9 @@ def test_save_and_load_round_trip_and_refuse_what_does_not_fit(tmp_path: Path) -
     meta_path.write_text("{not json", encoding="utf-8")
     with pytest.raises(RunDirError, match="unreadable"):
         load_detector(tmp_path)
+    meta_path.write_text("[]", encoding="utf-8")
+    with pytest.raises(RunDirError, match="not a detector file of format 1; fit it again with tuneforge intent fit"):
+        load_detector(tmp_path)
     save_detector(tmp_path, detector)
     (tmp_path / INTENT_DIR / STATS_FILE).write_bytes(b"\x00" * 10)
     with pytest.raises(RunDirError, match=r"stats\.safetensors: unreadable"):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tuneforge.config import RunConfig, load_saved_config
 from tuneforge.errors import ConfigError, RunDirError
@@ -213,3 +214,16 @@ def open_run_dir(path: Path | str) -> RunDir:
         )
     run.labels()
     return run
+
+
+def read_versioned_json(path: Path, *, kind: str, version: int, hint: str) -> dict[str, Any]:
+    """A JSON object that a stage wrote into a run with ``"format": version`` (a calibration, a detector).
+    Unreadable, or not an object of that format, is a :class:`RunDirError` naming the file and then ``hint``:
+    how to make the file again."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunDirError(f"{path}: unreadable ({exc}); {hint}") from None
+    if not isinstance(meta, dict) or meta.get("format") != version:
+        raise RunDirError(f"{path}: not a {kind} file of format {version}; {hint}")
+    return meta

@@ -16,7 +16,6 @@ on any labelled file, ``tuneforge optimize`` per variant on the texts it measure
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 
 from tuneforge.errors import DataError, RunDirError
 from tuneforge.files import atomic_write_json, atomic_write_with
-from tuneforge.rundir import CALIBRATION_FILE
+from tuneforge.rundir import CALIBRATION_FILE, read_versioned_json
 
 FORMAT_VERSION = 1
 ECE_BINS = 15
@@ -231,12 +230,7 @@ def load_calibration(run_path: Path | str) -> Calibration | None:
     if not path.is_file():
         return None
     hint = "fit it again with tuneforge calibrate RUN --data FILE, or delete it to use the raw probabilities"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunDirError(f"{path}: unreadable ({exc}); {hint}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-        raise RunDirError(f"{path}: not a calibration file of format {FORMAT_VERSION}; {hint}")
+    meta = read_versioned_json(path, kind="calibration", version=FORMAT_VERSION, hint=hint)
     try:
         temperature = _check_temperature(meta.get("temperature"), path)
     except RunDirError as exc:

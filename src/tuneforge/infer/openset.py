@@ -41,11 +41,14 @@ import numpy as np
 
 from tuneforge.errors import RunDirError
 from tuneforge.files import atomic_replace_dir
+from tuneforge.rundir import read_versioned_json
 
 INTENT_DIR = "intent"
 DETECTOR_FILE = "detector.json"
 STATS_FILE = "stats.safetensors"
 FORMAT_VERSION = 1
+# What a damaged or mismatched detector's message tells the user to do.
+_FIT_AGAIN = "fit it again with tuneforge intent fit"
 METHODS = ("msp", "energy", "mahalanobis", "knn")
 FEATURE_METHODS = ("mahalanobis", "knn")
 DECISIONS = ("in_scope", "out_of_scope", "ambiguous")
@@ -263,20 +266,15 @@ def load_detector(run_path: Path | str, labels: list[str] | None = None) -> Open
     meta_path = folder / DETECTOR_FILE
     if not meta_path.is_file():
         return None
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunDirError(f"{meta_path}: unreadable ({exc}); fit it again with tuneforge intent fit") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-        raise RunDirError(f"{meta_path}: not a detector file of format {FORMAT_VERSION}; fit it again")
+    meta = read_versioned_json(meta_path, kind="detector", version=FORMAT_VERSION, hint=_FIT_AGAIN)
     try:
         detector = _from_meta(meta, _read_stats(folder / STATS_FILE))
     except (KeyError, TypeError, ValueError) as exc:
-        raise RunDirError(f"{meta_path}: damaged ({exc}); fit it again with tuneforge intent fit") from None
+        raise RunDirError(f"{meta_path}: damaged ({exc}); {_FIT_AGAIN}") from None
     if labels is not None and detector.labels != list(labels):
         raise RunDirError(
             f"{meta_path}: fitted for other labels than this run's model ({len(detector.labels)} vs {len(labels)}); "
-            "fit it again with tuneforge intent fit"
+            f"{_FIT_AGAIN}"
         )
     return detector
 
@@ -288,7 +286,7 @@ def _read_stats(path: Path) -> dict[str, np.ndarray]:
     try:
         return load_file(str(path))
     except (OSError, SafetensorError) as exc:
-        raise RunDirError(f"{path}: unreadable ({exc}); fit it again with tuneforge intent fit") from None
+        raise RunDirError(f"{path}: unreadable ({exc}); {_FIT_AGAIN}") from None
 
 
 def _from_meta(meta: dict[str, Any], stats: dict[str, np.ndarray]) -> OpenSetDetector:
