@@ -168,6 +168,11 @@ class ServeState:
         self.load_error = message
 
 
+def unprocessable(loc: list[Any], message: str, kind: str) -> ApiError:
+    """A 422 for one bad field that the request's schema could not check: shaped as a validation error."""
+    return ApiError(422, [{"loc": loc, "msg": message, "type": kind}])
+
+
 def _not_ready(state: ServeState) -> ApiError:
     retry = {"Retry-After": str(state.settings.retry_after_s)}
     status = state.status
@@ -470,28 +475,14 @@ def create_app(settings: ServeSettings, *, model_factory: ModelFactory | None = 
             words = words_to_explain(body.text)
         except TuneforgeError as exc:
             state.metrics.rejected.labels("too_many_words").inc()
-            raise ApiError(
-                422,
-                [
-                    {
-                        "loc": ["body", "text"],
-                        "msg": f"'text': {str(exc).removeprefix('explain: ')}",
-                        "type": "too_many_words",
-                    }
-                ],
+            raise unprocessable(
+                ["body", "text"], f"'text': {str(exc).removeprefix('explain: ')}", "too_many_words"
             ) from None
         try:
             index = label_index(model.labels, body.label)
         except TuneforgeError as exc:
-            raise ApiError(
-                422,
-                [
-                    {
-                        "loc": ["body", "label"],
-                        "msg": f"'label': {str(exc).removeprefix('explain: ')}",
-                        "type": "unknown_label",
-                    }
-                ],
+            raise unprocessable(
+                ["body", "label"], f"'label': {str(exc).removeprefix('explain: ')}", "unknown_label"
             ) from None
         texts = occlusion_texts(body.text, words)
         try:

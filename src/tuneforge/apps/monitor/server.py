@@ -43,7 +43,13 @@ from tuneforge.errors import TuneforgeError
 from tuneforge.explain.core import explain_occlusion, label_index, words_to_explain
 from tuneforge.explain.occlusion import occlusion_texts
 from tuneforge.rundir import open_run_dir
-from tuneforge.serve.app import ApiError, install_error_handlers, install_middleware, self_contained_page
+from tuneforge.serve.app import (
+    ApiError,
+    install_error_handlers,
+    install_middleware,
+    self_contained_page,
+    unprocessable,
+)
 from tuneforge.serve.batcher import BatcherClosedError, DynamicBatcher, InferenceTimeoutError, QueueTimeoutError
 from tuneforge.serve.explainer import EXPLAIN_CHUNK, ExplainBusyError, ExplainLane
 from tuneforge.serve.metrics import ServeMetrics
@@ -288,10 +294,6 @@ def _not_ready(state: MonitorState) -> ApiError:
     return ApiError(503, "the model is still loading; retry shortly", retry)
 
 
-def _unprocessable(loc: list[Any], message: str, kind: str) -> ApiError:
-    return ApiError(422, [{"loc": loc, "msg": message, "type": kind}])
-
-
 def _dashboard_html() -> str:
     return (files("tuneforge.apps.monitor") / "static" / "dashboard.html").read_text(encoding="utf-8")
 
@@ -357,7 +359,7 @@ def create_monitor_app(
             seconds = math.nan
         name = next((name for name, size in state.windows.items() if size == seconds), None)
         if name is None:
-            raise _unprocessable(
+            raise unprocessable(
                 ["query", "window"],
                 f"'window': {window!r} is not one of the windows ({', '.join(config.windows)})",
                 "unknown_window",
@@ -514,7 +516,7 @@ def create_monitor_app(
             words = words_to_explain(found.text)
             index = label_index(predictor.labels, found.label)
         except TuneforgeError as exc:
-            raise _unprocessable(["query", "item"], str(exc).removeprefix("explain: "), "cannot_explain") from None
+            raise unprocessable(["query", "item"], str(exc).removeprefix("explain: "), "cannot_explain") from None
         texts = occlusion_texts(found.text, words)
         try:
             probabilities = await state.explainer.probabilities(
