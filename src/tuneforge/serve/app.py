@@ -13,7 +13,6 @@ import asyncio
 import importlib.util
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from importlib.resources import files
@@ -44,7 +43,13 @@ from tuneforge.serve.batcher import (
 )
 from tuneforge.serve.explainer import ExplainBusyError, ExplainLane
 from tuneforge.serve.metrics import ServeMetrics
-from tuneforge.serve.middleware import INTERNAL_ERROR, RequestContextMiddleware, error_response, request_id_of
+from tuneforge.serve.middleware import (
+    INTERNAL_ERROR,
+    RequestContextMiddleware,
+    error_response,
+    latency_ms,
+    request_id_of,
+)
 from tuneforge.serve.model import OpenSetAnswers, ServableModel, answer_batch, describe_model, load_predictor
 from tuneforge.serve.schemas import (
     ClassifyResponse,
@@ -439,12 +444,11 @@ def create_app(settings: ServeSettings, *, model_factory: ModelFactory | None = 
         if decided is not None:
             for item, prediction in zip(predictions, decided, strict=True):
                 item.update(_decision_fields(prediction))
-        started = request.scope.get("state", {}).get("started", time.perf_counter())
         content = {
             "request_id": rid,
             "predictions": predictions,
             "model_version": state.info["version"] if state.info else "",
-            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+            "latency_ms": latency_ms(request),
         }
         # Returned as a response (not a dict): the body is already in its final shape, and
         # re-validating it against the response model would cost time on every request.
@@ -499,12 +503,11 @@ def create_app(settings: ServeSettings, *, model_factory: ModelFactory | None = 
             state.metrics.rejected.labels("client_gone").inc()
             return Response(status_code=CLIENT_GONE)
         explanation = explain_occlusion(model, body.text, words, index, probabilities)
-        started = request.scope.get("state", {}).get("started", time.perf_counter())
         content = {
             "request_id": rid,
             **explanation.to_dict(),
             "model_version": state.info["version"] if state.info else "",
-            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+            "latency_ms": latency_ms(request),
         }
         return JSONResponse(content)
 

@@ -40,6 +40,12 @@ def request_id_of(request: Request) -> str:
     return str(request.scope.get("state", {}).get("request_id", "")) or "-"
 
 
+def latency_ms(request: Request) -> float:
+    """Milliseconds since the middleware took the request (the time a client waited), to 3 decimals."""
+    started = request.scope.get("state", {}).get("started", time.perf_counter())
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
 def error_response(
     status: int, detail: str | list[dict[str, Any]], request_id: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:

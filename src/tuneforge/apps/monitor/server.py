@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -53,7 +52,7 @@ from tuneforge.serve.app import (
 from tuneforge.serve.batcher import BatcherClosedError, DynamicBatcher, InferenceTimeoutError, QueueTimeoutError
 from tuneforge.serve.explainer import EXPLAIN_CHUNK, ExplainBusyError, ExplainLane
 from tuneforge.serve.metrics import ServeMetrics
-from tuneforge.serve.middleware import request_id_of
+from tuneforge.serve.middleware import latency_ms, request_id_of
 from tuneforge.serve.server import announce, base_url, check_port, configure_logging, serve_app
 from tuneforge.serve.settings import ServeSettings
 
@@ -409,7 +408,6 @@ def create_monitor_app(
         finally:
             state.items_waiting -= len(records)
         index = {record.where: i for i, record in enumerate(records)}
-        started = request.scope.get("state", {}).get("started", time.perf_counter())
         return JSONResponse(
             {
                 "request_id": rid,
@@ -418,7 +416,7 @@ def create_monitor_app(
                 "duplicates": report.duplicates,
                 "rejected": [{"item": index.get(r.where), "id": r.id, "reason": r.reason} for r in report.rejections],
                 "alerts": [alert.to_dict() for alert in report.alerts],
-                "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+                "latency_ms": latency_ms(request),
             }
         )
 
