@@ -300,6 +300,7 @@ def test_unknown_labels_are_named_with_their_counts(noisy_run: dict, tmp_path: P
         ("text,label\ngreat,happy\n", ("--drop-suspects", "out.tsv"), ".csv or .jsonl"),
         ("text,label\ngreat,happy\n", ("--folds", "1"), "--folds: must be at least 2"),
         ("text,label\ngreat,happy\n", ("--explain", "-1"), "--explain"),
+        ("text,label\ngreat,happy\n", ("--threads", "0"), "--threads: must be at least 1"),
     ],
 )
 def test_bad_input_is_one_clear_line(

@@ -14,6 +14,7 @@ pairs, confident mistakes, calibration per class) always describes the run's own
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -68,17 +69,21 @@ class AnalyzeOptions:
     form: str = "auto"
     threads: int | None = None
 
-    def check(self) -> None:
+    def check(self, name: Callable[[str], str] = str) -> None:
+        """Refuses values the analysis cannot use; ``name`` turns a field into what the messages call it (the
+        CLI's flags, ``--filter-by``), so the CLI can check before the model loads with its own words."""
         if self.mode not in MODES:
-            raise DataError(f"mode: unknown {self.mode!r}; one of {', '.join(MODES)}")
+            raise DataError(f"{name('mode')}: unknown {self.mode!r}; one of {', '.join(MODES)}")
         if self.filter_by not in FILTERS:
-            raise DataError(f"filter_by: unknown {self.filter_by!r}; one of {', '.join(FILTERS)}")
+            raise DataError(f"{name('filter_by')}: unknown {self.filter_by!r}; one of {', '.join(FILTERS)}")
         if self.folds < 2:
-            raise DataError(f"folds: must be at least 2, got {self.folds}")
+            raise DataError(f"{name('folds')}: must be at least 2, got {self.folds}")
         if self.top < 1:
-            raise DataError(f"top: must be at least 1, got {self.top}")
+            raise DataError(f"{name('top')}: must be at least 1, got {self.top}")
         if self.explain < 0:
-            raise DataError(f"explain: must be 0 or more, got {self.explain}")
+            raise DataError(f"{name('explain')}: must be 0 or more, got {self.explain}")
+        if self.threads is not None and self.threads < 1:
+            raise DataError(f"{name('threads')}: must be at least 1, got {self.threads}")
 
 
 @dataclass

@@ -95,14 +95,6 @@ def _check_outputs(args: argparse.Namespace) -> None:
         raise TuneforgeError(f"--suspects: {args.suspects} is not a .csv file")
     if args.drop_suspects is not None:
         check_data_out(args.drop_suspects)
-    if args.folds < 2:
-        raise TuneforgeError(f"--folds: must be at least 2, got {args.folds}")
-    if args.top < 1:
-        raise TuneforgeError(f"--top: must be at least 1, got {args.top}")
-    if args.explain < 0:
-        raise TuneforgeError(f"--explain: must be 0 or more, got {args.explain}")
-    if args.threads is not None and args.threads < 1:
-        raise TuneforgeError("--threads: must be at least 1")
 
 
 def run_analyze_command(args: argparse.Namespace, console: Console) -> int:
@@ -110,9 +102,6 @@ def run_analyze_command(args: argparse.Namespace, console: Console) -> int:
     from tuneforge.apps.analyze.report import write_html, write_suspects_csv, write_without_suspects
 
     _check_outputs(args)
-    data = args.data if args.data is not None else _default_data(args.run_dir)
-    if args.drop_suspects is not None and args.drop_suspects.resolve() == Path(data).resolve():
-        raise TuneforgeError(f"--drop-suspects: {args.drop_suspects} would overwrite the data it is made from")
     options = AnalyzeOptions(
         mode=args.mode,
         folds=args.folds,
@@ -126,6 +115,10 @@ def run_analyze_command(args: argparse.Namespace, console: Console) -> int:
         form=args.form,
         threads=args.threads,
     )
+    options.check(lambda field: "--" + field.replace("_", "-"))  # before the model loads (minutes)
+    data = args.data if args.data is not None else _default_data(args.run_dir)
+    if args.drop_suspects is not None and args.drop_suspects.resolve() == Path(data).resolve():
+        raise TuneforgeError(f"--drop-suspects: {args.drop_suspects} would overwrite the data it is made from")
     analysis = analyze(args.run_dir, data, options, show_progress=not args.no_progress, console=console)
     out_dir = Path(analysis.run) / ANALYSIS_DIR
     html = write_html(analysis, args.html or out_dir / f"{Path(data).stem}.html")
