@@ -46,9 +46,10 @@ def _subsample(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     rows = random.Random(args.seed).sample(rows, min(args.subsample, len(rows)))
     train = folder / "train.csv"
     with train.open("w", encoding="utf-8", newline="") as handle:
-        csv.writer(handle).writerows([("text", "label"), *rows])
+        # the dataset's own column names: the config's test file is the real one, read with them
+        csv.writer(handle).writerows([(data.text_column, data.label_column), *rows])
     raw = data.config(folder / "run", model={"name": args.model, "max_length": 64})
-    raw["data"].update(train=str(train), text_column="text", label_column="label")
+    raw["data"]["train"] = str(train)
     return raw
 
 

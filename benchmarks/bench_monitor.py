@@ -5,6 +5,8 @@ dashboard's queries stay fast over a million stored items.
 ``benchmarks/results/monitor/`` (the data is CC BY-NC-SA 3.0, for research only: it stays in the gitignored
 results folder and never enters the project). Train a sentiment run on ``train.csv`` with ``tuneforge train``.
 
+``model --run RUN``: accuracy and macro-F1 on the held-out 20%, and on the part of it in the all-agree file.
+
 ``detection --run RUN``: a synthetic stream of held-out sentences (never seen in training) for ``--entities``
 invented companies over ``--days`` days, each company at its own steady hourly rate with the held-out label
 mix, and ``--events`` injected turns (a company's volume x3 and 70% of its items negative for 3-8 hours).
@@ -20,7 +22,8 @@ plus alerts, written through the store's ingest path (window sums included); the
 Results are appended to ``benchmarks/results/monitor.jsonl``.
 
     python benchmarks/bench_monitor.py split
-    tuneforge train ...                      # on benchmarks/results/monitor/fpb-seed0/train.csv
+    tuneforge train benchmarks/results/monitor/fpb-seed0/config.yaml     # -> runs/fpb-seed0
+    python benchmarks/bench_monitor.py model --run runs/fpb-sentiment      # accuracy on the 20%, all-agree part
     python benchmarks/bench_monitor.py detection --run runs/fpb-sentiment
     python benchmarks/bench_monitor.py queries --items 1000000
     python benchmarks/bench_monitor.py --smoke   # invented sentences, a keyword scorer, 20k items: plumbing only
@@ -42,7 +45,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench_data import DATA_DIR, RESULTS_DIR, append_result
+import yaml
+
+from bench_data import DATA_DIR, RESULTS_DIR, ROOT, append_result
 from tuneforge.apps.monitor.config import MonitorConfig, parse_duration, validate_monitor_config
 from tuneforge.apps.monitor.items import Item, Record
 from tuneforge.apps.monitor.runner import Monitor
@@ -52,6 +57,7 @@ from tuneforge.apps.monitor.store import Alert, ScoredItem, Store
 RESULTS = RESULTS_DIR / "monitor.jsonl"
 WORK = RESULTS_DIR / "monitor"
 FPB = DATA_DIR / "financial_phrasebank" / "sentences_50agree.csv"
+FPB_ALL_AGREE = DATA_DIR / "financial_phrasebank" / "sentences_allagree.csv"
 T0 = datetime(2025, 1, 6, tzinfo=UTC).timestamp()  # a Monday, 00:00 UTC
 HOUR = 3600.0
 TURN_NEGATIVE_SHARE, TURN_VOLUME = 0.7, 3.0
@@ -94,7 +100,7 @@ class KeywordScorer:
 
 def split(seed: int) -> Path:
     folder = WORK / f"fpb-seed{seed}"
-    if (folder / "heldout.csv").is_file():
+    if (folder / "config.yaml").is_file():
         return folder
     if not FPB.is_file():
         raise SystemExit(f"{FPB}: not found; set TUNEFORGE_DATA_DIR to the folder holding financial_phrasebank/")
@@ -109,7 +115,13 @@ def split(seed: int) -> Path:
             writer = csv.writer(handle)
             writer.writerow(["text", "label"])
             writer.writerows(part)
-    print(f"wrote {folder}/train.csv ({cut} rows) and heldout.csv ({len(unique) - cut} rows)")
+    # The training config for `tuneforge train`: the default model and settings, tested on the held-out 20%.
+    config = {
+        "data": {"train": str(folder / "train.csv"), "test": str(folder / "heldout.csv")},
+        "output": {"dir": str(ROOT / "runs" / f"fpb-seed{seed}")},
+    }
+    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    print(f"wrote {folder}/train.csv ({cut} rows), heldout.csv ({len(unique) - cut} rows) and config.yaml")
     return folder
 
 
@@ -119,6 +131,40 @@ def heldout_sentences(seed: int) -> dict[str, list[str]]:
         for row in csv.DictReader(handle):
             by_label.setdefault(row["label"], []).append(row["text"])
     return by_label
+
+
+# ---- the model on the held-out 20% ------------------------------------------------------------------------
+
+
+def model_accuracy(args: argparse.Namespace) -> dict[str, Any]:
+    """Accuracy and macro-F1 of ``--run`` on the held-out 20%, and on its sentences that all annotators agreed
+    on (those also in the all-agree file): the two figures FinBERT reports (0.86 and 0.97)."""
+    from tuneforge.infer.predictor import Predictor
+    from tuneforge.metrics import classification_metrics
+
+    with (split(args.seed) / "heldout.csv").open(encoding="utf-8", newline="") as handle:
+        rows = [(row["text"], row["label"]) for row in csv.DictReader(handle)]
+    with FPB_ALL_AGREE.open(encoding="utf-8", newline="") as handle:
+        agreed = {row["text"] for row in csv.DictReader(handle)}
+    predictor = Predictor(args.run)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    predicted = [p.label for p in predictor.predict([text for text, _ in rows])]
+    seconds = time.perf_counter() - started
+    index = {label: i for i, label in enumerate(predictor.labels)}
+    result: dict[str, Any] = {"part": "model", "texts_per_s": round(len(rows) / seconds, 1)}
+    for name, keep in (("heldout", lambda text: True), ("heldout_all_agree", lambda text: text in agreed)):
+        chosen = [
+            (index[label], index[guess]) for (text, label), guess in zip(rows, predicted, strict=True) if keep(text)
+        ]
+        truth, guesses = zip(*chosen, strict=True)
+        metrics = classification_metrics(list(truth), list(guesses), predictor.labels)
+        result[name] = {"texts": len(chosen), "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+    print(result)
+    return result
 
 
 # ---- detection ---------------------------------------------------------------------------------------------
@@ -358,7 +404,9 @@ def queries(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", nargs="?", choices=["split", "detection", "queries"], help="default with --smoke: both")
+    parser.add_argument(
+        "part", nargs="?", choices=["split", "model", "detection", "queries"], help="default with --smoke: both"
+    )
     parser.add_argument("--run", type=Path, help="detection: a sentiment run trained on the split's train.csv")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--entities", type=int, default=20, help="detection: invented companies")
@@ -374,6 +422,11 @@ def main() -> None:
         args.entities, args.days, args.events = 4, 6, 2
     if args.part == "split":
         split(args.seed)
+        return
+    if args.part == "model":
+        if args.run is None:
+            raise SystemExit("model: give --run (a sentiment run trained on the split's train.csv; see `split`)")
+        append_result(RESULTS, {**model_accuracy(args), "seed": args.seed, "run": str(args.run)})
         return
     if args.part == "detection" and args.run is None and not args.smoke:
         raise SystemExit("detection: give --run (a sentiment run trained on the split's train.csv; see `split`)")

@@ -1,0 +1,88 @@
+"""Calibration benchmark (issue 17): ECE, Brier score and NLL on held-out data before and after the
+temperature each run or variant fitted on its own validation data, and the accuracy (unchanged: a
+temperature never changes the arg-max).
+
+For every path given (a run directory, or a variant ``optimize`` made, e.g. ``RUN/optimized/onnx-int8``):
+the raw logits of the evaluation file (Banking77 test / SST-2 dev) from the same loader the server uses,
+then the raw softmax against the softmax at the path's stored temperature (``calibration.json``; the
+temperature is never fitted on the evaluation file here). A reliability diagram per path is written next
+to the records. Records are appended to ``benchmarks/results/calibration.jsonl``.
+
+    python benchmarks/bench_calibration.py --dataset banking77 runs/banking77 runs/banking77/optimized/onnx-int8
+    python benchmarks/bench_calibration.py --dataset sst2 runs/sst2 --texts 200   # a seeded sample only
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench_data import RESULTS_DIR, append_result, dataset
+from tuneforge.data import read_eval_file
+from tuneforge.infer.calibration import before_after, plot_reliability
+from tuneforge.infer.evaluate import eval_data_config
+from tuneforge.infer.predictor import Predictor
+
+RESULTS = RESULTS_DIR / "calibration.jsonl"
+TARGETS = {"banking77": 0.02, "sst2": 0.03}  # ECE after scaling, issue 17's "done when"
+
+
+def measure(path: Path, name: str, texts_limit: int | None, seed: int) -> dict:
+    data = dataset(name)
+    predictor = Predictor(path)
+    config = eval_data_config(predictor, data.evaluation, data.text_column, data.label_column, None)
+    rows = read_eval_file(data.evaluation, config, predictor.labels)
+    pairs = list(zip(rows.texts, rows.labels, strict=True))
+    if texts_limit and texts_limit < len(pairs):
+        pairs = random.Random(seed).sample(pairs, texts_limit)
+    texts = [text for text, _ in pairs]
+    index = {label: i for i, label in enumerate(predictor.labels)}
+    truth = np.asarray([index[label] for _, label in pairs])
+    started = time.perf_counter()
+    logits = np.asarray(predictor.logits(texts))
+    seconds = time.perf_counter() - started
+    temperature = predictor.temperature
+    figures = before_after(logits, truth, temperature)
+    diagram = RESULTS_DIR / "calibration" / f"{name}-{path.name}.png"
+    diagram.parent.mkdir(parents=True, exist_ok=True)
+    plot_reliability(logits, truth, temperature, diagram, f"{path.name} on {name} {data.evaluation.stem}")
+    return {
+        "bench": "calibration",
+        "dataset": name,
+        "path": str(path),
+        "texts": len(texts),
+        "temperature": temperature,
+        "before": figures["before"],
+        "after": figures["after"],
+        "ece_target": TARGETS[name],
+        "scoring_seconds": round(seconds, 1),
+        "diagram": str(diagram),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="run directories or optimized variants")
+    parser.add_argument("--dataset", required=True, choices=sorted(TARGETS))
+    parser.add_argument("--texts", type=int, help="a seeded sample of the evaluation file (default: all of it)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(f"{'path':<52} {'T':>6} {'ECE before':>10} {'after':>7} {'Brier b/a':>15} {'NLL b/a':>15} {'acc':>6}")
+    for path in args.paths:
+        record = measure(path, args.dataset, args.texts, args.seed)
+        append_result(RESULTS, record)
+        before, after = record["before"], record["after"]
+        ok = "ok" if after["ece"] <= record["ece_target"] else f"> {record['ece_target']}"
+        print(
+            f"{path!s:<52} {record['temperature']:>6.3f} {before['ece']:>10.4f} {after['ece']:>7.4f} "
+            f"{before['brier']:>7.4f}/{after['brier']:<7.4f} {before['nll']:>7.4f}/{after['nll']:<7.4f} "
+            f"{after['accuracy']:>6.2f}  {ok}"
+        )
+
+
+if __name__ == "__main__":
+    main()
