@@ -155,6 +155,7 @@ def test_a_rule_naming_a_missing_field_is_an_error_naming_the_rule(tmp_path: Pat
         ({"source": {"type": "stdin", "out_of_order": "reject", "lateness": "5m"}}, "only with out_of_order accept"),
         ({"sinks": {"webhook": {"url": "ftp://x"}}}, r"sinks\.webhook\.url: not an http"),
         ({"scoring": {"run": "r", "labels": {"up": "positive"}}}, "no label has the role negative"),
+        ({"scoring": {"run": "r", "chunk_size": 0}}, r"scoring\.chunk_size: Input should be greater than or equal"),
     ],
 )
 def test_bad_config_values_name_the_key(tmp_path: Path, change: dict[str, Any], message: str) -> None:
@@ -512,6 +513,32 @@ def test_live_alerts_equal_the_backtest_whatever_the_batches(tmp_path: Path) -> 
     monitor.close()
 
 
+class CountingScorer(KeywordScorer):
+    """A keyword scorer that remembers how many items each call was given."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def score(self, items: Sequence[Item]) -> list[ScoredItem]:
+        self.calls.append(len(items))
+        return super().score(items)
+
+
+def test_consume_commits_chunks_of_chunk_size_and_a_quiet_source_at_once(tmp_path: Path) -> None:
+    raw = raw_config(tmp_path, source={"type": "stdin", "lateness": "0s"})
+    raw["scoring"].update(batch_size=2, chunk_size=5)
+    scorer = CountingScorer()
+    monitor = Monitor(validate_monitor_config(raw), scorer=scorer, sinks=Sinks([]))
+    stream: list[Record | None] = [record(i, T0 + i, "good news") for i in range(12)]
+    stream.insert(7, None)  # the source went quiet after 7 records: those are committed, not held for 3 more
+    committed: list[int] = []
+    report = monitor.consume(stream, on_batch=lambda r: committed.append(monitor.store.stats()["items"]))
+    # The scorer gets whole chunks (the model cuts them into batch_size batches), not batches of 2.
+    assert scorer.calls == [5, 2, 5] and committed == [5, 7, 12]
+    assert report.stored == 12 and report.received == 12
+    monitor.close()
+
+
 def test_sinks_get_each_alert_once_and_jsonl_skips_what_it_has(tmp_path: Path) -> None:
     class Collect:
         def __init__(self) -> None:
@@ -732,7 +759,7 @@ def test_sigkill_mid_stream_and_a_restart_leave_no_duplicate_and_no_gap(
         source={"type": "file", "path": str(tmp_path / "news.jsonl"), "lateness": "0s"},
         sinks={"stdout": True, "jsonl": str(tmp_path / "alerts.jsonl")},
     )
-    raw["scoring"]["batch_size"] = 8
+    raw["scoring"].update(batch_size=4, chunk_size=8)  # a commit every 8 records: the kill lands mid-stream
     (tmp_path / "monitor.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
     args = ["monitor", "run", str(tmp_path / "monitor.yaml")]
 

@@ -46,7 +46,17 @@ class _Section(BaseModel):
 class ScoringConfig(_Section):
     run: Path = Field(..., description="A run directory: trained, or an optimized variant (ONNX, int8).")
     form: Literal["auto", "model", "adapter", "onnx"] = Field("auto", description="Which saved model to load.")
-    batch_size: int = Field(64, ge=1, le=4096, description="Texts scored (and committed) together.")
+    batch_size: int = Field(
+        64, ge=1, le=4096, description="Texts the model runs together (one padded batch, of similar lengths)."
+    )
+    chunk_size: int = Field(
+        512,
+        ge=1,
+        le=65536,
+        description="Records read, scored and committed together (one transaction). The chunk's texts are sorted "
+        "by length and run in batches of batch_size, so a chunk larger than the batch pads little; a quiet "
+        "source commits what it holds at once, and an ingest request is always its own chunk.",
+    )
     threads: int | None = Field(None, ge=1, description="CPU threads for the model; None: all cores.")
     labels: dict[str, Literal["positive", "negative", "neutral"]] | None = Field(
         None,

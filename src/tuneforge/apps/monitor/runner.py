@@ -1,12 +1,15 @@
-"""The monitor's loop: read records, score them in batches, store each batch with its source offset, judge
+"""The monitor's loop: read records, score them in chunks, store each chunk with its source offset, judge
 the windows that closed, hand new alerts to the sinks.
 
-One batch is one transaction: its new items, its rejected records, the source offset just after its last
+One chunk is one transaction: its new items, its rejected records, the source offset just after its last
 record, the newest item time, the rule state and the alerts it caused are committed together, so a monitor
 killed at any moment and started again neither loses nor repeats anything. Scoring happens before the
-transaction, so readers and the API are never held up by the model.
+transaction, so readers and the API are never held up by the model. A chunk (``scoring.chunk_size`` records)
+is larger than the model's batch (``scoring.batch_size``): the inference engine sorts a chunk's texts by
+length before cutting it into batches, so each batch pads little (a batch of random-length texts is padded,
+and attended over, to its longest one).
 
-``Monitor.ingest`` takes one batch from anywhere (a file, stdin, an HTTP handler: it is thread-safe);
+``Monitor.ingest`` takes one chunk from anywhere (a file, stdin, an HTTP handler: it is thread-safe);
 ``Monitor.consume`` drives it from a source, with optional replay pacing (``speed``).
 """
 
@@ -35,7 +38,7 @@ MAX_TS_KEY = "max_ts"
 
 @dataclass
 class IngestReport:
-    """What became of a batch (or, added up, of a whole run)."""
+    """What became of a chunk (or, added up, of a whole run)."""
 
     received: int = 0
     stored: int = 0
@@ -111,12 +114,12 @@ class Monitor:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ---- one batch -------------------------------------------------------------------------------------
+    # ---- one chunk -------------------------------------------------------------------------------------
 
     def ingest(self, records: Sequence[Record], *, source: str | None = None) -> IngestReport:
-        """Store a batch of records: parse, skip ids already stored, reject what cannot be an item or comes too
+        """Store a chunk of records: parse, skip ids already stored, reject what cannot be an item or comes too
         late, score the rest, and commit items, rejections, the source offset (of the last record that has
-        one) and the alerts of the windows this batch closed, in one transaction."""
+        one) and the alerts of the windows this chunk closed, in one transaction."""
         with self.lock:
             return self._ingest(records, source)
 
@@ -209,18 +212,19 @@ class Monitor:
         speed: float | None = None,
         on_batch: Callable[[IngestReport], None] | None = None,
     ) -> IngestReport:
-        """Ingest ``records`` in batches of ``scoring.batch_size``; ``None`` in the stream (a quiet source) commits
-        what is held. With ``speed``, records are paced by their timestamps (``speed`` stream seconds per wall
-        second). Ctrl-C (or SIGTERM, where the CLI maps it so) commits what is held and returns."""
+        """Ingest ``records`` in chunks of ``scoring.chunk_size``; ``None`` in the stream (a quiet source) commits
+        what is held, so a live source never waits for a chunk to fill. With ``speed``, records are paced by
+        their timestamps (``speed`` stream seconds per wall second). ``on_batch`` hears each committed chunk.
+        Ctrl-C (or SIGTERM, where the CLI maps it so) commits what is held and returns."""
         total = IngestReport()
-        batch: list[Record] = []
-        batch_size = self.config.scoring.batch_size
+        chunk: list[Record] = []
+        chunk_size = self.config.scoring.chunk_size
         pace = _Pacer(speed, self.config.source.columns.timestamp, self.zone) if speed else None
 
         def flush() -> None:
-            if batch:
-                report = self.ingest(batch, source=source)
-                batch.clear()
+            if chunk:
+                report = self.ingest(chunk, source=source)
+                chunk.clear()
                 total.add(report)
                 if on_batch is not None:
                     on_batch(report)
@@ -233,13 +237,13 @@ class Monitor:
                 if pace is not None and pace.wait_needed(record):
                     flush()
                     pace.wait()
-                batch.append(record)
-                if len(batch) >= batch_size:
+                chunk.append(record)
+                if len(chunk) >= chunk_size:
                     flush()
             flush()
         except KeyboardInterrupt:
             total.interrupted = True
-            flush()  # a batch cut off mid-commit was rolled back and is still held
+            flush()  # a chunk cut off mid-commit was rolled back and is still held
         return total
 
 
