@@ -69,3 +69,28 @@ def append_result(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     with path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
     return record
+
+
+def tiny_bert(folder: Path, words: list[str], *, word_pieces: bool = False) -> Path:
+    """A 2-layer random BERT (hidden size 32) with a word-level vocabulary of ``words``, saved under
+    ``folder/tiny-bert``, for the benchmarks' ``--smoke`` runs: seconds per training, figures that mean
+    nothing. ``word_pieces`` adds single characters and their ``##`` continuations, so that words outside
+    ``words`` tokenise too."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789") if word_pieces else []
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars), *sorted(set(words))]
+    model_dir = folder / "tiny-bert"
+    BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True).save_pretrained(model_dir)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(model_dir)
+    return model_dir

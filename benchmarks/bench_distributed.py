@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from bench_data import RESULTS_DIR, append_result, dataset
+from bench_data import RESULTS_DIR, append_result, dataset, tiny_bert
 
 RESULTS = RESULTS_DIR / "distributed.jsonl"
 WORK = RESULTS_DIR / "distributed"
@@ -55,25 +55,9 @@ def _subsample(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def _smoke(folder: Path) -> dict[str, Any]:
     """A 2-layer random BERT and 3 invented intents: seconds per run, figures that mean nothing."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
     words = {"refund": ["refund", "money", "back"], "card": ["card", "lost", "stolen"], "login": ["password", "login"]}
     filler = ["my", "the", "please", "help", "i", "need", "a", "with", "is", "not", "working"]
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab = [*specials, *sorted({w for ws in words.values() for w in ws} | {*filler})]
-    model_dir = folder / "tiny-bert"
-    BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True).save_pretrained(model_dir)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(model_dir)
+    model_dir = tiny_bert(folder, [w for ws in words.values() for w in ws] + filler)
     rng = random.Random(0)
     files = {}
     for split, n in (("train", 240), ("test", 60)):

@@ -53,8 +53,8 @@ from typing import Any
 
 import numpy as np
 
-from bench_data import RESULTS_DIR, Dataset, append_result, dataset
-from bench_serve import LOOPBACK, HttpConnection, LoadResult, ServerProcess, free_port
+from bench_data import RESULTS_DIR, Dataset, append_result, dataset, tiny_bert
+from bench_serve import LOOPBACK, HttpConnection, LoadResult, ServerProcess, free_port, send_one
 
 RESULTS = RESULTS_DIR / "explain.jsonl"
 BINS = (0.01, 0.05, 0.10, 0.20, 0.50)  # ERASER's AOPC bins
@@ -366,25 +366,8 @@ async def closed_loop(
         cursor = (first + index) * 7919  # each client walks the texts from a different place
         try:
             while time.perf_counter() < deadline:
-                payload = payloads[cursor % len(payloads)]
+                await send_one(connection, path, payloads[cursor % len(payloads)], result, 60)
                 cursor += 1
-                sent = time.perf_counter()
-                try:
-                    status, _ = await asyncio.wait_for(connection.post_json(path, payload), 60)
-                except TimeoutError:
-                    result.outcomes["timeout"] += 1
-                    await connection.close()
-                    continue
-                except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
-                    result.outcomes[type(exc).__name__] += 1
-                    await connection.close()
-                    await asyncio.sleep(0.01)
-                    continue
-                result.outcomes[str(status)] += 1
-                if status == 200:
-                    result.latencies_ms.append((time.perf_counter() - sent) * 1000)
-                elif status == 503:
-                    await asyncio.sleep(0.05)  # back off a little, as bench_serve's clients do, and ask again
         finally:
             await connection.close()
 
@@ -533,9 +516,7 @@ def _verdict(ok: bool, text: str) -> str:
 def build_smoke(folder: Path) -> tuple[Dataset, Path, Path]:
     """A 2-layer random BERT trained for seconds on invented intents, and its onnx-int8 variant from
     ``tuneforge optimize`` (in RUN-optimized/variants/onnx-int8, as a real run's)."""
-    import torch
     from rich.console import Console
-    from transformers import BertConfig, BertModel, BertTokenizerFast
 
     from tuneforge.config import validate_config
     from tuneforge.optimize.pipeline import OptimizeOptions, optimize_run
@@ -543,26 +524,7 @@ def build_smoke(folder: Path) -> tuple[Dataset, Path, Path]:
 
     words = {"refund": ["refund", "money", "back"], "card": ["card", "lost", "stolen"], "login": ["password", "login"]}
     filler = ["my", "the", "please", "help", "i", "need", "a", "with", "is", "not", "working"]
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
-    vocab = [
-        *specials,
-        *chars,
-        *("##" + c for c in chars),
-        *sorted({w for ws in words.values() for w in ws} | {*filler}),
-    ]
-    model_dir = folder / "tiny-bert"
-    BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True).save_pretrained(model_dir)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(model_dir)
+    model_dir = tiny_bert(folder, [w for ws in words.values() for w in ws] + filler, word_pieces=True)
     rng = random.Random(0)
     files = {}
     for split, n in (("train", 150), ("test", 60)):

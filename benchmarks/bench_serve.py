@@ -131,6 +131,30 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
 
 
+async def send_one(
+    connection: HttpConnection, path: str, payload: bytes, result: LoadResult, timeout_s: float = 30.0
+) -> None:
+    """POST one request and record its outcome (and latency, when answered) in ``result``; a failed
+    connection is closed so that the next request opens a new one."""
+    sent = time.perf_counter()
+    try:
+        status, _ = await asyncio.wait_for(connection.post_json(path, payload), timeout_s)
+    except TimeoutError:
+        result.outcomes["timeout"] += 1
+        await connection.close()
+        return
+    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        result.outcomes[type(exc).__name__] += 1
+        await connection.close()
+        await asyncio.sleep(0.01)
+        return
+    result.outcomes[str(status)] += 1
+    if status == 200:
+        result.latencies_ms.append((time.perf_counter() - sent) * 1000)
+    elif status == 503:
+        await asyncio.sleep(0.05)  # honour back-pressure instead of hammering
+
+
 async def generate_load(
     port: int, texts: list[str], *, clients: int, max_requests: int, max_seconds: float, timeout_s: float = 30.0
 ) -> LoadResult:
@@ -148,25 +172,8 @@ async def generate_load(
         try:
             while issued < max_requests and time.perf_counter() < deadline:
                 issued += 1
-                payload = payloads[cursor % len(payloads)]
+                await send_one(connection, "/v1/classify", payloads[cursor % len(payloads)], result, timeout_s)
                 cursor += 1
-                sent = time.perf_counter()
-                try:
-                    status, _ = await asyncio.wait_for(connection.post_json("/v1/classify", payload), timeout_s)
-                except TimeoutError:
-                    result.outcomes["timeout"] += 1
-                    await connection.close()
-                    continue
-                except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
-                    result.outcomes[type(exc).__name__] += 1
-                    await connection.close()
-                    await asyncio.sleep(0.01)
-                    continue
-                result.outcomes[str(status)] += 1
-                if status == 200:
-                    result.latencies_ms.append((time.perf_counter() - sent) * 1000)
-                elif status == 503:
-                    await asyncio.sleep(0.05)  # honour back-pressure instead of hammering
         finally:
             await connection.close()
 
