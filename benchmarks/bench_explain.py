@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import json
 import math
 import os
 import random
@@ -54,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from bench_data import RESULTS_DIR, Dataset, append_result, dataset, tiny_bert
-from bench_serve import LOOPBACK, HttpConnection, LoadResult, ServerProcess, free_port, send_one
+from bench_serve import LOOPBACK, LoadResult, ServerProcess, free_port, generate_load
 
 RESULTS = RESULTS_DIR / "explain.jsonl"
 BINS = (0.01, 0.05, 0.10, 0.20, 0.50)  # ERASER's AOPC bins
@@ -354,37 +353,25 @@ def run_latency(args: argparse.Namespace, data: Dataset, models: list[Model]) ->
 # --- serve ---------------------------------------------------------------------------------------------------
 
 
-async def closed_loop(
-    port: int, path: str, payloads: list[bytes], clients: int, deadline: float, first: int = 0
-) -> LoadResult:
-    """``clients`` clients, each sending its next request when the last is answered, until ``deadline``."""
-    result = LoadResult(clients=clients, seconds=0.0)
-    started = time.perf_counter()
-
-    async def client(index: int) -> None:
-        connection = HttpConnection(port)
-        cursor = (first + index) * 7919  # each client walks the texts from a different place
-        try:
-            while time.perf_counter() < deadline:
-                await send_one(connection, path, payloads[cursor % len(payloads)], result, 60)
-                cursor += 1
-        finally:
-            await connection.close()
-
-    await asyncio.gather(*(client(i) for i in range(clients)))
-    result.seconds = time.perf_counter() - started
-    return result
-
-
 async def classify_with_explain(
     port: int, texts: list[str], classify_clients: int, explain_clients: int, seconds: float
 ) -> tuple[LoadResult, LoadResult | None]:
-    payloads = [json.dumps({"text": text}).encode("utf-8") for text in texts]
-    deadline = time.perf_counter() + seconds
-    classify = closed_loop(port, "/v1/classify", payloads, classify_clients, deadline)
+    # Closed-loop clients until the time is up (no request cap); explain clients start at other texts.
+    classify = generate_load(
+        port, texts, clients=classify_clients, max_requests=sys.maxsize, max_seconds=seconds, timeout_s=60
+    )
     if not explain_clients:
         return await classify, None
-    explaining = closed_loop(port, "/v1/explain", payloads, explain_clients, deadline, first=classify_clients)
+    explaining = generate_load(
+        port,
+        texts,
+        clients=explain_clients,
+        max_requests=sys.maxsize,
+        max_seconds=seconds,
+        timeout_s=60,
+        path="/v1/explain",
+        first_client=classify_clients,
+    )
     found = await asyncio.gather(classify, explaining)
     return found[0], found[1]
 

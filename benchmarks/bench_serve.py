@@ -156,9 +156,19 @@ async def send_one(
 
 
 async def generate_load(
-    port: int, texts: list[str], *, clients: int, max_requests: int, max_seconds: float, timeout_s: float = 30.0
+    port: int,
+    texts: list[str],
+    *,
+    clients: int,
+    max_requests: int,
+    max_seconds: float,
+    timeout_s: float = 30.0,
+    path: str = "/v1/classify",
+    first_client: int = 0,
 ) -> LoadResult:
-    """``clients`` closed-loop clients, bounded by both a request count and a time limit."""
+    """``clients`` closed-loop clients posting ``{"text": ...}`` to ``path``, bounded by both a request count
+    and a time limit. ``first_client`` numbers them after another load's, so that two loads running side by
+    side start at different texts."""
     payloads = [json.dumps({"text": text}).encode("utf-8") for text in texts]
     result = LoadResult(clients=clients, seconds=0.0)
     issued = 0
@@ -168,11 +178,11 @@ async def generate_load(
     async def client(index: int) -> None:
         nonlocal issued
         connection = HttpConnection(port)
-        cursor = index * 7919  # each client walks the texts from a different place
+        cursor = (first_client + index) * 7919  # each client walks the texts from a different place
         try:
             while issued < max_requests and time.perf_counter() < deadline:
                 issued += 1
-                await send_one(connection, "/v1/classify", payloads[cursor % len(payloads)], result, timeout_s)
+                await send_one(connection, path, payloads[cursor % len(payloads)], result, timeout_s)
                 cursor += 1
         finally:
             await connection.close()
