@@ -2,13 +2,14 @@
 temperature each run or variant fitted on its own validation data, and the accuracy (unchanged: a
 temperature never changes the arg-max).
 
-For every path given (a run directory, or a variant ``optimize`` made, e.g. ``RUN/optimized/onnx-int8``):
-the raw logits of the evaluation file (Banking77 test / SST-2 dev) from the same loader the server uses,
-then the raw softmax against the softmax at the path's stored temperature (``calibration.json``; the
-temperature is never fitted on the evaluation file here). A reliability diagram per path is written next
-to the records. Records are appended to ``benchmarks/results/calibration.jsonl``.
+For every path given (a run directory, or a variant ``optimize`` made: ``RUN-optimized``, or one of
+``RUN-optimized/variants/``): the raw logits of the evaluation file (Banking77 test / SST-2 dev) from
+the same loader the server uses, then the raw softmax against the softmax at the path's stored
+temperature (``calibration.json``; the temperature is never fitted on the evaluation file here). A
+reliability diagram per path is written next to the records. Records are appended to
+``benchmarks/results/calibration.jsonl``.
 
-    python benchmarks/bench_calibration.py --dataset banking77 runs/banking77 runs/banking77/optimized/onnx-int8
+    python benchmarks/bench_calibration.py --dataset banking77 runs/banking77 runs/banking77-int8
     python benchmarks/bench_calibration.py --dataset sst2 runs/sst2 --texts 200   # a seeded sample only
 
 Also reported: the ECE of a temperature cross-fitted on the evaluation file's two seeded halves (see

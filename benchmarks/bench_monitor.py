@@ -44,9 +44,10 @@ Results are appended to ``benchmarks/results/monitor.jsonl``.
 
     python benchmarks/bench_monitor.py split
     tuneforge train benchmarks/results/monitor/fpb-seed0/config.yaml     # -> runs/fpb-seed0
-    python benchmarks/bench_monitor.py model --run runs/fpb-sentiment      # accuracy on the 20%, all-agree part
-    python benchmarks/bench_monitor.py detection --run runs/fpb-sentiment
-    python benchmarks/bench_monitor.py detection --run runs/fpb-sentiment --score-cache --stream-seed 1
+    python benchmarks/bench_monitor.py model --run runs/fpb-seed0          # accuracy on the 20%, all-agree part
+    tuneforge optimize runs/fpb-seed0 --variants onnx-int8 --out runs/fpb-seed0-int8
+    python benchmarks/bench_monitor.py detection --run runs/fpb-seed0-int8 --threads 2
+    python benchmarks/bench_monitor.py detection --run runs/fpb-seed0-int8 --score-cache --stream-seed 1
     python benchmarks/bench_monitor.py queries --items 1000000
     python benchmarks/bench_monitor.py --smoke   # invented sentences, a keyword scorer, 20k items: plumbing only
 """
@@ -187,11 +188,7 @@ def model_accuracy(args: argparse.Namespace) -> dict[str, Any]:
         rows = [(row["text"], row["label"]) for row in csv.DictReader(handle)]
     with FPB_ALL_AGREE.open(encoding="utf-8", newline="") as handle:
         agreed = {row["text"] for row in csv.DictReader(handle)}
-    predictor = Predictor(args.run)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    predictor = Predictor(args.run, threads=args.threads)
     started = time.perf_counter()
     predicted = [p.label for p in predictor.predict([text for text, _ in rows])]
     seconds = time.perf_counter() - started
