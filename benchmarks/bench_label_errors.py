@@ -37,6 +37,7 @@ from bench_data import DATA_DIR, RESULTS_DIR, append_result, dataset
 RESULTS = RESULTS_DIR / "label_errors.jsonl"
 WORK = RESULTS_DIR / "label_errors"
 CONDITIONS = ("clean", "noisy", "cleaned")
+DEFAULT_FILTER = "prune_by_noise_rate"
 SMOKE_LABELS, SMOKE_PER_LABEL = 4, 24
 
 
@@ -119,17 +120,23 @@ def train(folder: Path, condition: str, train_file: Path, args: argparse.Namespa
     return {key: metrics["test"][key] for key in ("accuracy", "macro_f1")}
 
 
+def _named(folder: Path, stem: str, suffix: str, args: argparse.Namespace) -> Path:
+    """``stem`` + ``suffix`` in ``folder``; a rule other than the default gets its own files and runs."""
+    rule = "" if args.filter_by == DEFAULT_FILTER else f"-{args.filter_by}"
+    return folder / f"{stem}{rule}{suffix}"
+
+
 def find(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     """``tuneforge analyze`` on the noisy run's training file: the suspects against the flipped rows."""
-    analysis = folder / "analysis.json"
+    analysis, suspects_csv = _named(folder, "analysis", ".json", args), _named(folder, "suspects", ".csv", args)
     if not analysis.is_file():
         started = time.perf_counter()
         out = subprocess.run(
             [
                 sys.executable, "-m", "tuneforge", "analyze", str(folder / "noisy"),
                 "--data", str(folder / "noisy.csv"), "--training-data", "--folds", str(args.folds),
-                "--filter-by", args.filter_by, "--html", str(folder / "analysis.html"),
-                "--suspects", str(folder / "suspects.csv"), "--drop-suspects", str(folder / "cleaned.csv"),
+                "--filter-by", args.filter_by, "--html", str(_named(folder, "analysis", ".html", args)),
+                "--suspects", str(suspects_csv), "--drop-suspects", str(_named(folder, "cleaned", ".csv", args)),
                 "--json", "--no-progress",
             ],
             check=True, capture_output=True, text=True,
@@ -141,7 +148,7 @@ def find(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     flips = json.loads((folder / "flipped.json").read_text(encoding="utf-8"))
     flipped = set(flips["rows"])
     original = dict(zip(flips["rows"], flips["original"], strict=True))
-    with (folder / "suspects.csv").open(encoding="utf-8", newline="") as handle:
+    with suspects_csv.open(encoding="utf-8", newline="") as handle:
         suspects = list(csv.DictReader(handle))
     ranked = [int(row["row"]) for row in suspects]
     found = set(ranked)
@@ -171,7 +178,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="which rows are flipped, and to what")
     parser.add_argument("--model", default="minilm-l6")
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--filter-by", default="prune_by_noise_rate")
+    parser.add_argument(
+        "--filter-by", default=DEFAULT_FILTER, help="cleanlab's rule; another than the default names its own files"
+    )
     parser.add_argument("--conditions", default=",".join(CONDITIONS))
     parser.add_argument("--clean-accuracy", type=float, help="test accuracy of the clean run, if not trained here")
     parser.add_argument("--smoke", action="store_true", help="4 labels x 24 texts, 1 epoch: the plumbing only")
@@ -186,7 +195,8 @@ def main() -> None:
     scores["noisy"] = train(folder, "noisy", folder / "noisy.csv", args)
     finder = find(folder, args)
     if "cleaned" in conditions:
-        scores["cleaned"] = train(folder, "cleaned", folder / "cleaned.csv", args)
+        cleaned = _named(folder, "cleaned", "", args)
+        scores["cleaned"] = train(folder, cleaned.name, cleaned.with_suffix(".csv"), args)
     clean = scores["clean"]["accuracy"] if "clean" in scores else args.clean_accuracy
     recovered = None
     if clean is not None and "cleaned" in scores and clean > scores["noisy"]["accuracy"]:
