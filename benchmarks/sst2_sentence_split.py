@@ -24,13 +24,14 @@ import random
 
 from bench_data import RESULTS_DIR, dataset
 from bench_transfer_distill import whole_sentences
+from tuneforge.data import normalise_for_matching
 
 OUT = RESULTS_DIR / "sst2-sentences"
 
 
 def _normalised(text: str) -> str:
-    """Lower-cased, single-spaced, padded with spaces so that a containment test matches whole words."""
-    return " " + " ".join(text.lower().split()) + " "
+    """Padded with spaces, so that a containment test matches whole words only."""
+    return f" {normalise_for_matching(text)} "
 
 
 def split(sentences: int, seed: int) -> dict[str, int]:
