@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,8 +13,8 @@ from tests.conftest import make_rows, tiny_config
 from tuneforge.config import validate_config
 from tuneforge.errors import ConfigError, RunDirError
 from tuneforge.infer.predictor import Predictor
-from tuneforge.optimize.measure import Measurement, pick_variant
-from tuneforge.optimize.pipeline import VARIANTS, OptimizeOptions, optimize_run
+from tuneforge.optimize.measure import Measurement, paired_drop, pick_variant
+from tuneforge.optimize.pipeline import VARIANTS, OptimizeOptions, _drop_warning, optimize_run
 from tuneforge.train.loop import train
 
 FAST = {"recovery_epochs": 1, "distill_epochs": 1, "threads": 1}
@@ -44,6 +45,36 @@ def test_picker_respects_the_accuracy_budget() -> None:
     assert chosen.name == "torch-fp32" and len(rejected) == 2 and "onnx-int8" in rejected[0]
 
 
+def test_paired_drop_counts_only_the_texts_the_two_disagree_on() -> None:
+    same = np.array([True] * 90 + [False] * 10)
+    assert paired_drop(same, same.copy()) == (0.0, 0.0)
+    # 4 texts only the baseline gets right, 1 only the variant: a 3-point drop on 100 texts,
+    # standard error sqrt(5 - 9/100) / 100 = 2.216 points.
+    variant = same.copy()
+    variant[:4] = False
+    variant[95] = True
+    drop, upper = paired_drop(same, variant)
+    assert drop == pytest.approx(3.0) and upper == pytest.approx(3.0 + 1.96 * 2.2159, abs=1e-3)
+    # The same disagreement rate on 100x the texts: the same drop, a far tighter bound.
+    drop_many, upper_many = paired_drop(np.tile(same, 100), np.tile(variant, 100))
+    assert drop_many == pytest.approx(3.0) and upper_many < 3.5 < upper
+    assert paired_drop(~same, ~variant)[0] == pytest.approx(-3.0)  # a better variant: negative drop
+    with pytest.raises(ValueError):
+        paired_drop(same, variant[:50])
+
+
+def test_choice_on_too_few_validation_texts_is_flagged() -> None:
+    baseline = np.array([True] * 180 + [False] * 14)  # 194 texts, as Financial PhraseBank's 5% split
+    variant = baseline.copy()
+    variant[:3] = False  # 1.5 points worse: within a 2-point budget, but 194 texts cannot show that
+    builder = SimpleNamespace(right={"torch-fp32": baseline, "distilled-onnx-int8": variant}, val_y=[0] * 194)
+    warning = _drop_warning(builder, "distilled-onnx-int8", max_drop=2.0)
+    assert warning is not None and "194 validation texts" in warning and "--data FILE" in warning
+    assert _drop_warning(builder, "torch-fp32", max_drop=2.0) is None
+    many = SimpleNamespace(right={name: np.tile(r, 50) for name, r in builder.right.items()}, val_y=[0] * (194 * 50))
+    assert _drop_warning(many, "distilled-onnx-int8", max_drop=2.0) is None  # 9,700 texts: the bound holds
+
+
 def test_optimize_builds_measures_and_keeps_the_best(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "opt"
     result = optimize_run(tiny_run, out_dir=out, options=OptimizeOptions(max_drop=5.0, **FAST))
@@ -52,6 +83,7 @@ def test_optimize_builds_measures_and_keeps_the_best(tiny_run: Path, tmp_path: P
     assert names == list(VARIANTS)
     report = json.loads((out / "optimize_report.json").read_text())
     assert report["chosen"] == result.chosen and (out / "frontier.png").is_file()
+    assert ("**Warning**" in (out / "optimize_report.md").read_text()) == (report["warning"] is not None)
     assert "| variant |" in (out / "optimize_report.md").read_text()
     baseline = next(m for m in result.measurements if m.name == "torch-fp32")
     chosen = next(m for m in result.measurements if m.name == result.chosen)

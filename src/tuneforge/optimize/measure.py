@@ -108,6 +108,24 @@ def measure(
     )
 
 
+def paired_drop(baseline_right: np.ndarray, variant_right: np.ndarray, z: float = 1.96) -> tuple[float, float]:
+    """A variant's accuracy drop against the baseline on the same texts, and its upper confidence bound.
+
+    Both arrays say, per validation text, whether that model was right. The two are scored on the same
+    texts, so only the texts where they disagree carry information: the standard error of the paired
+    difference is ``sqrt(b + c - (b - c)**2 / n) / n`` (b: only the baseline right, c: only the variant
+    right). Returns points: (observed drop, drop + z standard errors).
+    """
+    n = len(baseline_right)
+    if n == 0 or len(variant_right) != n:
+        raise ValueError("paired_drop: two equally long, non-empty arrays of right/wrong per text")
+    b = int(np.sum(baseline_right & ~variant_right))
+    c = int(np.sum(~baseline_right & variant_right))
+    drop = 100.0 * (b - c) / n
+    standard_error = 100.0 * float(np.sqrt(max(b + c - (b - c) ** 2 / n, 0.0))) / n
+    return drop, drop + z * standard_error
+
+
 def pick_variant(
     measurements: list[Measurement], *, baseline: str, max_drop: float, target: str
 ) -> tuple[Measurement, list[str]]:

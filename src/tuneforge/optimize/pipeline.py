@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 
@@ -47,6 +48,7 @@ from tuneforge.optimize.measure import (
     folder_size_mb,
     markdown_table,
     measure,
+    paired_drop,
     pick_variant,
     plot_frontier,
     reset_peak_rss,
@@ -254,6 +256,7 @@ class _Builder:
         # A trimmed variant numbers its pieces anew: its validation ids come from its own tokenizer.
         self._encoded: list[tuple[Any, list[list[int]], int]] = [(self.tokenizer, self.val_ids, self.pad_id)]
         self.measurements: list[Measurement] = []
+        self.right: dict[str, np.ndarray] = {}  # per variant: was it right on each validation text
 
     def validation_ids(self, tokenizer: Any) -> tuple[list[list[int]], int]:
         """The validation texts as ``tokenizer`` encodes them, and its padding id."""
@@ -287,6 +290,7 @@ class _Builder:
         )
         # After the measurement, so that the fit and the plot count in no variant's time or memory.
         calibrated = self._calibrate(name, scored[0])
+        self.right[name] = np.asarray(scored[0]).argmax(axis=-1) == np.asarray(self.val_y)
         self.measurements.append(result)
         info = json.loads((self.variant_dir(name) / "variant.json").read_text())
         info["validation"] = result.to_dict()
@@ -468,6 +472,22 @@ class _Builder:
         return self._train_from(init, self.work / "scratch" / "student-run", self.options.distill_epochs)
 
 
+def _drop_warning(builder: _Builder, chosen: str, max_drop: float) -> str | None:
+    """Why the choice may not hold beyond the validation texts: the chosen variant's drop against the
+    baseline, paired on the same texts, may exceed the budget at 95% confidence (a small validation
+    split cannot tell a 1-point drop from noise)."""
+    if chosen == BASELINE:
+        return None
+    drop, upper = paired_drop(builder.right[BASELINE], builder.right[chosen])
+    if upper <= max_drop:
+        return None
+    return (
+        f"{chosen} is {drop:.2f} points below {BASELINE} on {len(builder.val_y)} validation texts, but on so "
+        f"few texts its true drop may be up to {upper:.2f} points (95% bound), over --max-drop {max_drop}; "
+        "measure on more labelled texts (--data FILE) before relying on the choice"
+    )
+
+
 def optimize_run(
     run_dir: Path | str,
     *,
@@ -539,6 +559,7 @@ def optimize_run(
             else:
                 shutil.copy2(item, work / item.name)
         baseline = next(m for m in builder.measurements if m.name == BASELINE)
+        warning = _drop_warning(builder, chosen.name, options.max_drop)
         metrics: dict[str, Any] = {"validation": chosen.to_dict(), "baseline": baseline.to_dict()}
         if (calibration := load_calibration(work)) is not None:
             metrics["calibration"] = {
@@ -555,22 +576,28 @@ def optimize_run(
             "measurements": [m.to_dict() for m in builder.measurements],
             "rejected": rejected,
             "skipped": skipped,
+            "warning": warning,
         }
         atomic_write_json(work / "optimize_report.json", report)
         table = markdown_table(builder.measurements, baseline=BASELINE, chosen=chosen.name)
         atomic_write_text(
             work / "optimize_report.md",
             f"# Variants of {source.path}\n\nValidation: {len(builder.val_ids)} texts. Budget: accuracy drop "
-            f"<= {options.max_drop} points; target: {options.target}. Chosen: **{chosen.name}**.\n\n{table}\n",
+            f"<= {options.max_drop} points; target: {options.target}. Chosen: **{chosen.name}**.\n\n{table}\n"
+            + (f"\n**Warning**: {warning}\n" if warning else ""),
         )
         plot_frontier(
             builder.measurements, work / "frontier.png", chosen=chosen.name, title=f"variants of {source.path.name}"
         )
-        result.update(chosen=chosen.name, measurements=builder.measurements, rejected=rejected, table=table)
+        result.update(
+            chosen=chosen.name, measurements=builder.measurements, rejected=rejected, table=table, warning=warning
+        )
 
     atomic_replace_dir(out, build)
     console.print(result["table"])
     console.print(f"chosen: {result['chosen']} → {out}")
+    if result["warning"]:
+        console.print(f"[yellow]warning:[/] {result['warning']}")
     return OptimizeResult(out, result["chosen"], result["measurements"], result["rejected"])
 
 
