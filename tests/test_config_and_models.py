@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from itertools import pairwise
 from pathlib import Path
@@ -167,3 +168,42 @@ def test_the_readme_config_example_is_a_valid_config() -> None:
     raw = yaml.safe_load(block)
     assert config.train.learning_rate == raw["train"]["learning_rate"]
     assert config.finetune.method == raw["finetune"]["method"]
+
+
+def _classifier_folder(tiny_model_dir: Path, folder: Path, num_labels: int) -> Path:
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_model_dir, num_labels=num_labels)
+    torch.manual_seed(1)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return folder
+
+
+def test_a_classifier_checkpoint_with_other_labels_gets_a_fresh_head(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from tuneforge.config import ModelConfig
+    from tuneforge.models.loading import load_base_for_classification
+
+    # e.g. a student folder made from a 2-label run, now trained on 3 labels
+    folder = _classifier_folder(tiny_model_dir, tmp_path / "two-labels", num_labels=2)
+    model, new = load_base_for_classification(ModelConfig(name=str(folder), max_length=32), ["neg", "neu", "pos"])
+    assert model.classifier.out_features == 3 and model.config.id2label[2] == "pos"
+    assert {"classifier.weight", "classifier.bias"} <= set(new)
+    saved = load_file(folder / "model.safetensors")
+    layer = "bert.encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(model.state_dict()[layer], saved[layer])  # the encoder is the checkpoint's
+
+
+def test_weights_that_do_not_fit_their_config_are_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from tuneforge.config import ModelConfig
+    from tuneforge.models.loading import load_base_for_classification
+
+    folder = _classifier_folder(tiny_model_dir, tmp_path / "broken", num_labels=2)
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] = 48  # the saved FFN weights are 64 wide
+    (folder / "config.json").write_text(json.dumps(config))
+    expected = r"intermediate\.dense\.bias has shape \(64,\) in the checkpoint but \(48,\).*6 such weights"
+    with pytest.raises(ModelError, match=expected):
+        load_base_for_classification(ModelConfig(name=str(folder), max_length=32), ["a", "b"])

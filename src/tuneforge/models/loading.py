@@ -55,12 +55,24 @@ def load_base_for_classification(cfg: ModelConfig, labels: list[str]) -> tuple[t
             config=model_config,
             use_safetensors=not cfg.trust_pickle,
             output_loading_info=True,
+            ignore_mismatched_sizes=True,  # checked below: only the classifier head may differ
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.name: cannot load {cfg.name!r}: {str(exc).splitlines()[0]}") from None
+    # A checkpoint that is itself a classifier (a fine-tuned run, a student folder) brings a head for its
+    # own labels: that head is replaced, like a missing one. Any other mismatch means a broken folder.
+    head, body = [], []
+    for key, saved_shape, shape in sorted(info.get("mismatched_keys", ())):
+        (head if tuple(shape)[:1] == (len(labels),) else body).append((key, tuple(saved_shape), tuple(shape)))
+    if body:
+        key, saved_shape, shape = body[0]
+        raise ModelError(
+            f"model.name: {cfg.name!r}: weight {key} has shape {saved_shape} in the checkpoint but {shape} in its "
+            f"config ({len(body)} such weights): the folder's weights and config.json do not match"
+        )
     if getattr(model.config, PRUNED_HEADS_KEY, None):
         restore_pruning(model)  # keep pruned heads out while training a pruned model further
-    return model, list(info.get("missing_keys", []))
+    return model, [*info.get("missing_keys", []), *(key for key, _, _ in head)]
 
 
 def load_classifier(model_dir: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
