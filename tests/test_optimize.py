@@ -73,6 +73,11 @@ def test_choice_on_too_few_validation_texts_is_flagged() -> None:
     assert _drop_warning(builder, "torch-fp32", max_drop=2.0) is None
     many = SimpleNamespace(right={name: np.tile(r, 50) for name, r in builder.right.items()}, val_y=[0] * (194 * 50))
     assert _drop_warning(many, "distilled-onnx-int8", max_drop=2.0) is None  # 9,700 texts: the bound holds
+    better = baseline.copy()
+    better[:5], better[180:187] = False, True  # 1.03 points better on 12 disagreements: a drop stays possible
+    builder.right["distilled-onnx-int8"] = better
+    warning = _drop_warning(builder, "distilled-onnx-int8", max_drop=0.5)
+    assert warning is not None and "1.03 points above torch-fp32" in warning
 
 
 def test_optimize_builds_measures_and_keeps_the_best(tiny_run: Path, tmp_path: Path) -> None:

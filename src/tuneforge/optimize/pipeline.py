@@ -481,8 +481,9 @@ def _drop_warning(builder: _Builder, chosen: str, max_drop: float) -> str | None
     drop, upper = paired_drop(builder.right[BASELINE], builder.right[chosen])
     if upper <= max_drop:
         return None
+    observed = f"{drop:.2f} points below" if drop >= 0 else f"{-drop:.2f} points above"
     return (
-        f"{chosen} is {drop:.2f} points below {BASELINE} on {len(builder.val_y)} validation texts, but on so "
+        f"{chosen} is {observed} {BASELINE} on {len(builder.val_y)} validation texts, but on so "
         f"few texts its true drop may be up to {upper:.2f} points (95% bound), over --max-drop {max_drop}; "
         "measure on more labelled texts (--data FILE) before relying on the choice"
     )
