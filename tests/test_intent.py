@@ -281,7 +281,9 @@ def test_the_optimized_variant_gets_its_own_detector(run: Path, held_out: Path, 
     fit_detector(run, data=held_out)
     add_intent(run, "meh", texts_of("meh", 10, seed=7))
     out = tmp_path / "optimized"
-    assert main(["optimize", str(run), "--out", str(out), "--variants", "onnx-int8", "--max-drop", "50"]) == 0
+    # onnx-fp32: the refit on ONNX Runtime's features is what is tested; int8 on this tiny random model
+    # moves its features enough that the agreement below depends on the CPU's int8 kernels (0.68 on one).
+    assert main(["optimize", str(run), "--out", str(out), "--variants", "onnx-fp32", "--max-drop", "50"]) == 0
     variant = load_detector(out)
     source = load_detector(run)
     assert variant is not None and source is not None

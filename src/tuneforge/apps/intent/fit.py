@@ -11,7 +11,7 @@ keeps ``target_recall`` of the in-scope texts in scope and ``auto`` means Mahala
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -267,14 +267,18 @@ def _previous_added(run_path: Path, labels: list[str]) -> list[AddedIntent]:
 
 
 def refit_like(run_dir: Path | str, source_run: Path | str) -> OpenSetDetector | None:
-    """Fit ``run_dir`` (an optimized variant) with the options of ``source_run``'s detector, on its own
-    features; the intents added to the source come along. ``None`` when the source has no detector."""
+    """Fit ``run_dir`` (an optimized variant) with the options and the method of ``source_run``'s detector,
+    on its own features; the intents added to the source come along. ``None`` when the source has no
+    detector."""
     source = Predictor(source_run, open_set=False).run
     detector = load_detector(source.path, source.labels())
     if detector is None:
         return None
     saved = detector.info.get("options", {})
     options = FitOptions(**{key: saved[key] for key in FitOptions.__dataclass_fields__ if key in saved})
+    # The source's method, not "auto" again: the variant replaces the source, so it should decide the
+    # same way; a new AUROC contest on int8 features can tip a near-tie to another method.
+    options = replace(options, method=detector.method)
     held_out = detector.info.get("fitted_on", {}).get("held_out", "")
     data = Path(held_out) if held_out and Path(held_out).is_file() else None
     return fit_detector(run_dir, data=data, options=options, added=list(detector.added))
