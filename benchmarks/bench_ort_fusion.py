@@ -24,6 +24,7 @@ import numpy as np
 
 from bench_data import RESULTS_DIR, append_result
 from bench_monitor import split
+from tuneforge.infer.predictor import Predictor
 from tuneforge.models.onnx_runtime import OnnxClassifier
 from tuneforge.models.runs import load_run_classifier
 from tuneforge.optimize.export import export_onnx
@@ -70,23 +71,20 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=6)
     args = parser.parse_args()
 
-    from transformers import AutoTokenizer
-
     files = build(args.run)
     with (split(args.seed) / "heldout.csv").open(encoding="utf-8", newline="") as handle:
         rows = [(row["text"], row["label"]) for row in csv.DictReader(handle)]
-    run = RunDir(args.run)
-    tokenizer = AutoTokenizer.from_pretrained(str(run.model_dir))
-    encoded = tokenizer([text for text, _ in rows], truncation=True, max_length=128)["input_ids"]
-    labels = run.labels()
-    truth = np.array([labels.index(label) for _, label in rows])
+    # The texts as inference reads them (cleaning, the run's max_length): the Predictor's own encoding.
+    predictor = Predictor(args.run, threads=2)
+    encoded = predictor._encode([text for text, _ in rows])
+    truth = np.array([predictor.labels.index(label) for _, label in rows])
     classifiers = {name: OnnxClassifier(path, threads=2) for name, path in files.items()}
-    logits = {name: c.logits(encoded, pad_id=tokenizer.pad_token_id, batch_size=64) for name, c in classifiers.items()}
+    logits = {name: c.logits(encoded, pad_id=predictor.pad_id, batch_size=64) for name, c in classifiers.items()}
     speeds: dict[str, list[float]] = {name: [] for name in files}
     for _ in range(args.passes):
         for name, classifier in classifiers.items():
             started = time.perf_counter()
-            classifier.logits(encoded, pad_id=tokenizer.pad_token_id, batch_size=64)
+            classifier.logits(encoded, pad_id=predictor.pad_id, batch_size=64)
             speeds[name].append(len(encoded) / (time.perf_counter() - started))
     reference = logits["fp32"]
     for name in files:
