@@ -9,6 +9,10 @@ other training texts, without their labels, are the unlabelled file. Each condit
 - ``self_training``: ``train.semi_supervised`` on the unlabelled file (rounds, threshold as set here);
 - ``both``: augmentation and self-training.
 
+``--selection proportional`` (with ``--fraction``) runs the self-training conditions with that pseudo-label
+selection instead of the threshold; their runs and rows are named ``self_training-proportional`` and
+``both-proportional``, so both selections are kept side by side.
+
 Every condition gets the same budget of training examples seen per run (``train.min_train_samples``,
 ``--budget``): more texts mean fewer epochs, not more compute; self-training pays for each of its rounds.
 Runs are resumable (a finished run is kept; an interrupted one resumes). Results are appended to
@@ -16,6 +20,8 @@ Runs are resumable (a finished run is kept; an interrupted one resumes). Results
 
     python benchmarks/bench_low_data.py --dataset banking77 --per-label 10 --seeds 0,1,2
     python benchmarks/bench_low_data.py --dataset banking77 --per-label 10 --seeds 0,1,2 --phase report
+    python benchmarks/bench_low_data.py --dataset waimai --per-label 100 --seeds 0 --budget 5000 \
+        --conditions plain,self_training --selection proportional --full 90.37
 """
 
 from __future__ import annotations
@@ -87,28 +93,42 @@ def write_setting(name: str, per_label: int, seed: int) -> Path:
     return folder
 
 
+def _self_training(condition: str) -> bool:
+    return condition in ("self_training", "both")
+
+
+def run_name(condition: str, args: argparse.Namespace) -> str:
+    """The condition's folder and row name: the self-training ones say which selection they used."""
+    return f"{condition}-proportional" if _self_training(condition) and args.selection == "proportional" else condition
+
+
 def condition_config(name: str, folder: Path, condition: str, args: argparse.Namespace) -> dict[str, Any]:
     model = _source(name)[4]
     raw: dict[str, Any] = {
         "model": {"name": model},
         "data": {"train": str(folder / "labelled.csv"), "test": str(folder / "test.csv")},
         "train": {"min_train_samples": args.budget, "seed": 42},
-        "output": {"dir": str(folder / condition)},
+        "output": {"dir": str(folder / run_name(condition, args))},
     }
     if condition in ("augment", "both"):
         raw["data"]["augment"] = {"operations": MODEL_FREE, "copies": 1}
     if condition in ("self_training", "both"):
         raw["data"]["unlabeled"] = str(folder / "unlabelled.csv")
-        raw["train"]["semi_supervised"] = {"rounds": args.rounds, "threshold": args.threshold}
+        semi: dict[str, Any] = {"rounds": args.rounds}
+        if args.selection == "proportional":
+            semi.update(selection="proportional", fraction=args.fraction)
+        else:
+            semi["threshold"] = args.threshold
+        raw["train"]["semi_supervised"] = semi
     return raw
 
 
 def train_condition(name: str, folder: Path, condition: str, args: argparse.Namespace) -> None:
-    run = folder / condition
+    run = folder / run_name(condition, args)
     if (run / "metrics.json").is_file():
         print(f"{run}: trained already, kept", flush=True)
         return
-    config = folder / f"{condition}.json"  # JSON is YAML
+    config = folder / f"{run.name}.json"  # JSON is YAML
     config.write_text(json.dumps(condition_config(name, folder, condition, args), indent=1), encoding="utf-8")
     interrupted = any(run.with_name(run.name + suffix).is_dir() for suffix in (".partial", ".rounds"))
     print(f"training {run}" + (" (resuming)" if interrupted else ""), flush=True)
@@ -129,10 +149,11 @@ def train_condition(name: str, folder: Path, condition: str, args: argparse.Name
         "dataset": name,
         "per_label": args.per_label,
         "seed": folder.name.rsplit("seed", 1)[1],
-        "condition": condition,
+        "condition": run.name,
         "budget": args.budget,
-        "rounds": args.rounds if "self" in condition or condition == "both" else None,
-        "threshold": args.threshold if "self" in condition or condition == "both" else None,
+        "rounds": args.rounds if _self_training(condition) else None,
+        "threshold": args.threshold if _self_training(condition) and args.selection == "threshold" else None,
+        "fraction": args.fraction if _self_training(condition) and args.selection == "proportional" else None,
         "minutes": round((time.perf_counter() - started) / 60, 2),
         "test": _test_scores(run),
         "self_training": _rounds(run),
@@ -167,7 +188,8 @@ def report(name: str, args: argparse.Namespace, seeds: list[int]) -> None:
             latest[(record["condition"], str(record["seed"]))] = record
     plain = {seed: latest[("plain", str(seed))]["test"]["accuracy"] for seed in seeds if ("plain", str(seed)) in latest}
     print(f"{name}, {args.per_label} labelled per label, budget {args.budget}; full-data reference {args.full}")
-    for condition in CONDITIONS:
+    named = [*CONDITIONS, *(f"{c}-proportional" for c in CONDITIONS if _self_training(c))]
+    for condition in named:
         scores = {seed: latest[(condition, str(seed))] for seed in seeds if (condition, str(seed)) in latest}
         if not scores:
             continue
@@ -179,7 +201,7 @@ def report(name: str, args: argparse.Namespace, seeds: list[int]) -> None:
         ]
         spread = f" ± {statistics.stdev(accuracy):.2f}" if len(accuracy) > 1 else ""
         print(
-            f"  {condition:14s} seeds {sorted(scores)}: accuracy {statistics.mean(accuracy):.2f}{spread} "
+            f"  {condition:27s} seeds {sorted(scores)}: accuracy {statistics.mean(accuracy):.2f}{spread} "
             f"({', '.join(f'{a:.2f}' for a in accuracy)}), macro-F1 {statistics.mean(f1):.2f}"
             + (f", gain {statistics.mean(gains):+.2f}, gap closed {statistics.mean(closed):.0f}%" if gains else "")
             + f", minutes {', '.join(str(r['minutes']) for r in scores.values())}"
@@ -195,6 +217,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=20_000, help="train.min_train_samples for every run")
     parser.add_argument("--rounds", type=int, default=1, help="self-training rounds")
     parser.add_argument("--threshold", type=float, default=0.7, help="self-training confidence threshold")
+    parser.add_argument("--selection", choices=["threshold", "proportional"], default="threshold")
+    parser.add_argument("--fraction", type=float, default=0.4, help="proportional: share labelled in round 1")
     parser.add_argument("--full", type=float, default=93.1, help="full-data test accuracy, for the gap closed")
     parser.add_argument("--phase", choices=["train", "report"], default="train")
     args = parser.parse_args()

@@ -18,7 +18,7 @@ from tuneforge.errors import ConfigError, DataError, ModelError, RunDirError
 from tuneforge.infer.predictor import Predictor
 from tuneforge.train import loop
 from tuneforge.train.checkpoint import LoopState, has_checkpoint
-from tuneforge.train.self_training import select_pseudo_labels, self_train, work_dir
+from tuneforge.train.self_training import select_proportional, select_pseudo_labels, self_train, work_dir
 
 LABELS = ["x", "y", "z"]
 
@@ -86,11 +86,59 @@ def test_selection_with_no_confident_text_selects_nothing() -> None:
         select_pseudo_labels(["a", "b"], [[0.5, 0.3, 0.2]], LABELS, threshold=0.6)
 
 
+def test_proportional_selection_ranks_each_label_by_its_own_probability() -> None:
+    # An unsure binary model that leans to "neg": every text's most probable label is neg, so a shared
+    # threshold would label only negatives. Ranked by its own probability, pos still gets its likeliest texts.
+    texts = [f"t{i}" for i in range(8)]
+    p_pos = [0.30, 0.45, 0.20, 0.48, 0.10, 0.40, 0.35, 0.05]
+    probabilities = [[1 - p, p] for p in p_pos]
+    chosen = select_proportional(texts, probabilities, ["neg", "pos"], fraction=0.5, shares=[1, 1])
+    assert chosen.quota == {"neg": 2, "pos": 2}
+    assert list(zip(chosen.texts, chosen.labels, strict=True)) == [
+        ("t7", "neg"),
+        ("t4", "neg"),
+        ("t3", "pos"),
+        ("t1", "pos"),
+    ]
+    assert chosen.probabilities == [0.95, 0.90, 0.48, 0.45]
+    assert select_proportional(texts, probabilities, ["neg", "pos"], fraction=0.5, shares=[1, 1]) == chosen
+
+    # Shared out as the model predicts (here: all neg), pos asks for nothing; shares [3, 1] split 4 texts 3:1.
+    predicted = select_proportional(texts, probabilities, ["neg", "pos"], fraction=0.5)
+    assert predicted.quota == {"neg": 4, "pos": 0} and predicted.labels == ["neg"] * 4
+    assert select_proportional(texts, probabilities, ["neg", "pos"], fraction=0.5, shares=[3, 1]).quota == {
+        "neg": 3,
+        "pos": 1,
+    }
+
+
+def test_proportional_selection_gives_a_contested_text_to_its_likelier_label() -> None:
+    texts = ["a", "b", "c", "d", "e", "f"]
+    probabilities = [
+        [0.50, 0.45, 0.05],  # x's and y's likeliest text: it goes to x, and y is not given another
+        [0.90, 0.05, 0.05],  # labelled data already
+        [0.10, 0.20, 0.70],
+        [0.20, 0.30, 0.50],
+        [0.40, 0.30, 0.30],
+        [0.30, 0.40, 0.30],
+    ]
+    chosen = select_proportional(texts, probabilities, LABELS, fraction=0.4, shares=[1, 1, 1], exclude=["B"])
+    # 5 texts remain, 2 are asked for: one each for the first two labels (equal remainders go first-come).
+    assert chosen.excluded == 1
+    assert chosen.quota == {"x": 1, "y": 1, "z": 0}
+    assert list(zip(chosen.texts, chosen.labels, strict=True)) == [("a", "x")]
+    # Quotas always add up to the total, however the shares divide it.
+    everything = select_proportional(texts, probabilities, LABELS, fraction=1.0, shares=[2, 2, 3])
+    assert everything.quota == {"x": 2, "y": 2, "z": 2} and sum(everything.quota.values()) == 6
+    with pytest.raises(ValueError, match="2 shares for 3 labels"):
+        select_proportional(texts, probabilities, LABELS, fraction=0.5, shares=[1, 1])
+
+
 # --------------------------------------------------------------------------- end to end
 
 
 def _st_config(
-    tiny_model_dir: Path, tmp_path: Path, *, epochs: int, rounds: int, threshold: float, **semi: Any
+    tiny_model_dir: Path, tmp_path: Path, *, epochs: int, rounds: int, threshold: float | None, **semi: Any
 ) -> dict:
     data = {
         "train": write_csv(tmp_path / "train.csv", make_rows(150, seed=1)),
@@ -102,7 +150,11 @@ def _st_config(
     unlabelled.write_text("\n".join([*(t for t, _ in make_rows(90, seed=5)), *labelled_copies]) + "\n")
     raw = tiny_config(tiny_model_dir, data, tmp_path / "run", epochs=epochs, early_stopping_patience=None)
     raw["data"]["unlabeled"] = str(unlabelled)
-    raw["train"]["semi_supervised"] = {"rounds": rounds, "threshold": threshold, **semi}
+    raw["train"]["semi_supervised"] = {
+        "rounds": rounds,
+        **({} if threshold is None else {"threshold": threshold}),
+        **semi,
+    }
     return raw
 
 
@@ -191,6 +243,36 @@ def test_self_training_publishes_the_best_round_with_its_record(
         self_train(validate_config(raw), show_progress=False, console=Console(file=io.StringIO()))
 
 
+def test_proportional_self_training_labels_a_growing_share_each_round(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # label_smoothing 0.5 caps what the model says below any useful threshold: proportional needs none.
+    raw = _st_config(
+        tiny_model_dir, tmp_path, epochs=2, rounds=2, threshold=None, selection="proportional", fraction=0.3
+    )
+    raw["train"]["label_smoothing"] = 0.5
+    raw["train"]["semi_supervised"]["proportions"] = "labelled"
+    recorder = _Recorder(monkeypatch)
+    self_train(validate_config(raw), show_progress=False, console=Console(file=io.StringIO()))
+
+    report = json.loads((tmp_path / "run" / "self_training.json").read_text())
+    assert [r["index"] for r in report["rounds"]] == [0, 1, 2], report["stopped_early"]
+    labelled_rows = recorder.calls[0]["train"].splitlines()[1:]
+    shares = [sum(line.endswith("," + name) for line in labelled_rows) for name in ["happy", "sad", "meh"]]
+    # 95 unlabelled texts, 5 of them labelled already: round 1 asks for 0.3 x 90 = 27, round 2 for 54,
+    # shared out like the labelled training split.
+    for record, total in zip(report["rounds"][1:], (27, 54), strict=True):
+        quota = record["quota_per_label"]
+        assert sum(quota.values()) == total
+        for name, n in zip(["happy", "sad", "meh"], shares, strict=True):
+            assert abs(quota[name] - total * n / sum(shares)) < 1
+        assert all(record["pseudo_labelled_per_label"][name] <= quota[name] for name in quota)
+        assert record["pseudo_labelled"] > total * 0.5  # contested texts aside, the quotas are filled
+        assert record["threshold"] is None and record["skipped_as_labelled"] == 5
+        assert record["train_examples"] == len(labelled_rows) + record["pseudo_labelled"]
+    assert report["settings"]["selection"] == "proportional"
+
+
 def test_resume_keeps_finished_rounds_and_continues_the_interrupted_one(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -262,6 +344,19 @@ def test_a_threshold_the_smoothed_model_cannot_reach_is_refused_before_any_work(
     raw["train"]["label_smoothing"] = 0.0
     with pytest.raises(RunDirError, match="no interrupted"):  # accepted: it gets as far as the resume check
         self_train(validate_config(raw), resume=True, show_progress=False, console=Console(file=io.StringIO()))
+
+
+def test_a_setting_the_selection_does_not_use_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    raw = _st_config(tiny_model_dir, tmp_path, epochs=1, rounds=1, threshold=0.8, selection="proportional")
+    with pytest.raises(ConfigError, match=r"train.semi_supervised.*threshold: not used by selection proportional"):
+        validate_config(raw)
+    raw = _st_config(tiny_model_dir, tmp_path, epochs=1, rounds=1, threshold=None, fraction=0.2)
+    with pytest.raises(ConfigError, match=r"train.semi_supervised.*fraction: not used by selection threshold"):
+        validate_config(raw)
+    # A saved config holds every key with its default: it loads again.
+    raw["train"]["semi_supervised"].update(selection="proportional")
+    saved = validate_config(raw).model_dump(mode="json")
+    assert validate_config(saved).train.semi_supervised.fraction == 0.2
 
 
 def test_semi_supervised_and_unlabelled_data_go_together(tiny_model_dir: Path, tmp_path: Path) -> None:

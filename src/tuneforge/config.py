@@ -129,6 +129,26 @@ class SelfTrainingConfig(_Section):
 
     method: Literal["self_training"] = "self_training"
     rounds: int = Field(2, ge=1, le=20, description="Rounds of pseudo-labelling after the first training.")
+    selection: Literal["threshold", "proportional"] = Field(
+        "threshold",
+        description="threshold: the texts whose most probable label reaches threshold, capped per label. "
+        "proportional: `fraction` of the unlabelled texts, shared out between the labels by `proportions`, "
+        "per label those with the highest probability of it; no threshold, so a model that is right but unsure "
+        "(little data) still labels texts of every class.",
+    )
+    fraction: float = Field(
+        0.4,
+        gt=0.0,
+        le=1.0,
+        description="proportional: the share of the unlabelled texts round 1 labels; round k labels k x fraction "
+        "(at most all of them), as later models are better.",
+    )
+    proportions: Literal["predicted", "labelled"] = Field(
+        "predicted",
+        description="proportional: how the texts are shared out between labels: as the labelling model's "
+        "predictions over the unlabelled texts (fits a pool whose classes are not balanced like the labelled "
+        "set), or as the labelled training split's label counts.",
+    )
     threshold: float = Field(
         0.7,
         gt=0.0,
@@ -155,6 +175,22 @@ class SelfTrainingConfig(_Section):
         description="A run that labels the first round (later rounds use the model just trained); None: "
         "the model trained on the labelled data.",
     )
+
+    @model_validator(mode="after")
+    def _options_of_the_selection(self) -> SelfTrainingConfig:
+        # A setting the chosen selection ignores is a mistake the user should hear of, not a silent no-op.
+        # Only a value other than the default counts: a saved config holds every key, defaults included.
+        ignored = {
+            "threshold": ("fraction", "proportions"),
+            "proportional": ("threshold", "max_per_label", "balance_ratio"),
+        }[self.selection]
+        fields = type(self).model_fields
+        named = [key for key in ignored if getattr(self, key) != fields[key].default]
+        if named:
+            raise ValueError(
+                f"{', '.join(named)}: not used by selection {self.selection}; remove it or change selection"
+            )
+        return self
 
     @field_serializer("teacher", when_used="json")
     def _absolute_teacher(self, path: Path | None) -> str | None:

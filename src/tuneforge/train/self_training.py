@@ -71,9 +71,10 @@ class PseudoLabels:
     texts: list[str]
     labels: list[str]
     probabilities: list[float]
-    confident: dict[str, int] = field(default_factory=dict)  # per label, before the cap
-    cap: int = 0  # the per-label cap that was applied
+    confident: dict[str, int] = field(default_factory=dict)  # per label, before the cap (threshold selection)
+    cap: int = 0  # the per-label cap that was applied (threshold selection)
     excluded: int = 0  # unlabelled texts skipped because they are labelled data already
+    quota: dict[str, int] = field(default_factory=dict)  # per label, what was asked for (proportional selection)
 
     def per_label(self, label_names: Sequence[str]) -> dict[str, int]:
         return {name: self.labels.count(name) for name in label_names}
@@ -126,6 +127,76 @@ def select_pseudo_labels(
     return PseudoLabels(kept_texts, kept_labels, kept_p, confident=confident, cap=cap, excluded=excluded)
 
 
+def select_proportional(
+    texts: Sequence[str],
+    probabilities: Sequence[Sequence[float]],
+    label_names: Sequence[str],
+    *,
+    fraction: float,
+    shares: Sequence[float] | None = None,
+    exclude: Collection[str] = (),
+) -> PseudoLabels:
+    """About ``fraction`` of the texts, shared out between the labels, per label those most probable for it.
+
+    Of ``total = fraction x`` the texts not excluded, label j asks for ``total x shares[j]`` (``shares``
+    normalised; None: the model's own predicted label counts over those texts), ranked by their
+    probability of j, the highest first, ties in text order.
+    There is no threshold: a model trained on little data is often right but unsure (a binary model
+    saying 0.53), and a shared threshold then finds nothing, or only the label it leans to. Ranking
+    each label by its own probability gives every label its most likely texts however sure the model
+    is. A text that more than one label asks for goes to the label it is more probable for (ties: the
+    first label); the other label is not given a replacement, so a label can end below its quota.
+    Texts in ``exclude`` are labelled data already, as in :func:`select_pseudo_labels`.
+    """
+    if len(texts) != len(probabilities):
+        raise ValueError(f"{len(texts)} texts but {len(probabilities)} probability rows")
+    n_labels = len(label_names)
+    excluded_keys = {normalise_for_matching(t) for t in exclude}
+    candidates = [
+        i for i, text in enumerate(texts) if not (excluded_keys and normalise_for_matching(text) in excluded_keys)
+    ]
+    excluded = len(texts) - len(candidates)
+    if shares is None:
+        predicted = [0] * n_labels
+        for i in candidates:
+            row = probabilities[i]
+            predicted[max(range(n_labels), key=row.__getitem__)] += 1
+        shares = predicted
+    if len(shares) != n_labels:
+        raise ValueError(f"{len(shares)} shares for {n_labels} labels")
+    total = round(min(1.0, fraction) * len(candidates))
+    quotas = _apportion(total, shares)
+    claims: dict[int, int] = {}  # text index -> the label it goes to
+    for j in range(n_labels):
+        ranked = sorted(candidates, key=lambda i: (-probabilities[i][j], i))[: quotas[j]]
+        for i in ranked:
+            held = claims.get(i)
+            if held is None or probabilities[i][j] > probabilities[i][held]:
+                claims[i] = j
+    kept = sorted(claims.items(), key=lambda item: (item[1], -probabilities[item[0]][item[1]], item[0]))
+    return PseudoLabels(
+        texts=[texts[i] for i, _ in kept],
+        labels=[label_names[j] for _, j in kept],
+        probabilities=[float(probabilities[i][j]) for i, j in kept],
+        excluded=excluded,
+        quota={label_names[j]: quotas[j] for j in range(n_labels)},
+    )
+
+
+def _apportion(total: int, shares: Sequence[float]) -> list[int]:
+    """``total`` split in proportion to ``shares``, in whole numbers that add up to it: each part rounded
+    down, the rest one by one to the largest remainders (ties: the first)."""
+    weight = sum(shares)
+    if weight <= 0:
+        return [0] * len(shares)
+    exact = [total * share / weight for share in shares]
+    parts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(shares)), key=lambda j: (-(exact[j] - parts[j]), j))
+    for j in by_remainder[: total - sum(parts)]:
+        parts[j] += 1
+    return parts
+
+
 def work_dir(target: Path | str) -> Path:
     """Where the rounds for ``target`` are trained: beside it, like training's ``.partial`` folder."""
     target = Path(target)
@@ -153,7 +224,8 @@ def self_train(
     load_tokenizer(config.model)  # a model that cannot be found fails now, not after the splits are written
     data = prepare_data(config.data, seed=config.train.seed)
     unlabelled = read_unlabelled_texts(config.data.unlabeled, config.data, key="data.unlabeled")
-    _check_threshold(st.threshold, config.train.label_smoothing, len(data.labels))
+    if st.selection == "threshold":
+        _check_threshold(st.threshold, config.train.label_smoothing, len(data.labels))
     if st.teacher is not None:
         _check_teacher(st.teacher, data.labels)
     splits = {"train": data.train, "validation": data.validation, "test": data.test}
@@ -177,9 +249,11 @@ def self_train(
 
     labelled = [*data.train.texts, *data.validation.texts, *(data.test.texts if data.test else [])]
     unlabelled_digest = _digest("\n".join(unlabelled))
+    labelled_counts = [data.train.labels.count(name) for name in data.labels]
     console.print(
         f"self-training: {len(data.train)} labelled training texts, {len(unlabelled)} unlabelled texts, "
-        f"rounds {st.rounds}, threshold {st.threshold}"
+        f"rounds {st.rounds}, "
+        + (f"threshold {st.threshold}" if st.selection == "threshold" else f"proportional, fraction {st.fraction}")
     )
     rounds: list[dict[str, Any]] = []
     previous: list[tuple[str, str]] | None = None
@@ -199,6 +273,7 @@ def self_train(
                 unlabelled_digest,
                 labelled,
                 data.labels,
+                labelled_counts,
                 st,
                 config,
                 console,
@@ -206,7 +281,11 @@ def self_train(
             )
             selection = sorted(zip(pseudo.texts, pseudo.labels, strict=True))
             if not pseudo.texts:
-                stopped = f"round {k}: no unlabelled text reached the threshold {st.threshold}"
+                stopped = f"round {k}: " + (
+                    f"no unlabelled text reached the threshold {st.threshold}"
+                    if st.selection == "threshold"
+                    else "no unlabelled text left to label"
+                )
             elif selection == previous:
                 stopped = f"round {k}: the same pseudo labels as round {k - 1} (the rounds have converged)"
             if stopped:
@@ -375,6 +454,7 @@ def _pseudo_labels(
     unlabelled_digest: str,
     labelled: list[str],
     label_names: list[str],
+    labelled_counts: list[int],
     st: SelfTrainingConfig,
     config: RunConfig,
     console: Console,
@@ -395,21 +475,32 @@ def _pseudo_labels(
                 confident=meta["confident"],
                 cap=meta["cap"],
                 excluded=meta["excluded"],
+                quota=meta.get("quota", {}),
             )
     for stale in (work / f"round-{k}", loop.staging_dir(work / f"round-{k}")):
         if stale.exists():
             check_replaceable(stale, option="output.dir")
             shutil.rmtree(stale)
     probabilities = _predict(labeller, unlabelled, label_names, config, console, show_progress)
-    pseudo = select_pseudo_labels(
-        unlabelled,
-        probabilities,
-        label_names,
-        threshold=st.threshold,
-        max_per_label=st.max_per_label,
-        balance_ratio=st.balance_ratio,
-        exclude=labelled,
-    )
+    if st.selection == "threshold":
+        pseudo = select_pseudo_labels(
+            unlabelled,
+            probabilities,
+            label_names,
+            threshold=st.threshold,
+            max_per_label=st.max_per_label,
+            balance_ratio=st.balance_ratio,
+            exclude=labelled,
+        )
+    else:
+        pseudo = select_proportional(
+            unlabelled,
+            probabilities,
+            label_names,
+            fraction=min(1.0, k * st.fraction),
+            shares=labelled_counts if st.proportions == "labelled" else None,
+            exclude=labelled,
+        )
     rows = [[t, y, round(p, 6)] for t, y, p in zip(pseudo.texts, pseudo.labels, pseudo.probabilities, strict=True)]
     meta = {
         "fingerprint": fingerprint,
@@ -417,6 +508,7 @@ def _pseudo_labels(
         "confident": pseudo.confident,
         "cap": pseudo.cap,
         "excluded": pseudo.excluded,
+        "quota": pseudo.quota,
         "rows": rows,
     }
     atomic_write_json(meta_file, meta)
@@ -475,13 +567,16 @@ def _round_record(
         "pseudo_labelled_per_label": {name: 0 for name in label_names}
         if pseudo is None
         else pseudo.per_label(label_names),
-        "threshold": None if pseudo is None else st.threshold,
+        "threshold": None if pseudo is None or st.selection != "threshold" else st.threshold,
         "labelled_by": labelled_by,
         "validation": {"accuracy": metrics["validation"]["accuracy"], "macro_f1": metrics["validation"]["macro_f1"]},
     }
-    if pseudo is not None:
+    if pseudo is not None and st.selection == "threshold":
         record["confident_per_label"] = pseudo.confident
         record["cap_per_label"] = pseudo.cap
+    if pseudo is not None and st.selection == "proportional":
+        record["quota_per_label"] = pseudo.quota
+    if pseudo is not None:
         record["skipped_as_labelled"] = pseudo.excluded
     if "test" in metrics:
         record["test"] = {"accuracy": metrics["test"]["accuracy"], "macro_f1": metrics["test"]["macro_f1"]}
