@@ -73,10 +73,17 @@ def test_the_temperature_never_changes_the_top_label() -> None:
     assert calibration.fitted_on == {"data": "synthetic", "texts": 500}
 
 
-def test_a_fit_on_perfectly_separated_texts_stays_within_bounds() -> None:
+def test_texts_all_classified_right_are_refused_and_one_mistake_gives_a_bounded_fit() -> None:
     logits = np.array([[-5.0, 5.0], [5.0, -5.0]] * 10)
     labels = np.array([1, 0] * 10)
-    assert math.isfinite(fit_temperature(logits, labels))
+    # Every text right: the NLL only falls as T -> 0, so no temperature is the fit's answer.
+    with pytest.raises(DataError, match="classifies all 20 texts right"):
+        fit_temperature(logits, labels)
+    one_wrong = labels.copy()
+    one_wrong[0] = 0
+    temperature = fit_temperature(logits, one_wrong)
+    # One confident mistake in 20: a finite fit, softer than the logits say.
+    assert math.isfinite(temperature) and 1.0 < temperature < MAX_TEMPERATURE
     assert fit_temperature(-logits, labels) == MAX_TEMPERATURE  # always wrong: as flat as allowed
 
 

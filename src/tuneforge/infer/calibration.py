@@ -78,7 +78,9 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray | list[int]) -> float
 
     The NLL is convex in ``1/T``, so L-BFGS on ``log T`` finds the one minimum; the result is clipped to
     [MIN_TEMPERATURE, MAX_TEMPERATURE]. Texts of a single label are refused: nothing stops the fit from
-    sharpening every answer toward that label, a temperature that fails on every other label.
+    sharpening every answer toward that label, a temperature that fails on every other label. So are
+    texts the model classifies all right (a small validation split often is): the NLL then falls without
+    end as T → 0, and the fit would end at the bound, reporting certainty the texts cannot back.
     """
     import torch
 
@@ -87,6 +89,12 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray | list[int]) -> float
         raise DataError(
             f"calibration: all {len(truth)} texts have the same label; the temperature needs texts of at "
             "least two labels"
+        )
+    if (scores.argmax(axis=1) == truth).all():
+        raise DataError(
+            f"calibration: the model classifies all {len(truth)} texts right, so the temperature has no best "
+            "value (the sharper, the better on these texts); fit it on texts the model sometimes gets wrong: a "
+            "larger validation split, or `tuneforge calibrate` with held-out data"
         )
     z = torch.from_numpy(scores)
     y = torch.from_numpy(truth)
