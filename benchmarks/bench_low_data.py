@@ -22,6 +22,10 @@ Runs are resumable (a finished run is kept; an interrupted one resumes). Results
     python benchmarks/bench_low_data.py --dataset banking77 --per-label 10 --seeds 0,1,2 --phase report
     python benchmarks/bench_low_data.py --dataset waimai --per-label 100 --seeds 0 --budget 5000 \
         --conditions plain,self_training --selection proportional --full 90.37
+    python benchmarks/bench_low_data.py --dataset waimai --per-label 100 --seeds 0 --phase check-pseudo
+
+``--phase check-pseudo`` trains nothing: a finished run of the seed (``--labeller plain``) scores the
+unlabelled texts and each selection's pseudo labels are checked against the labels the benchmark withheld.
 """
 
 from __future__ import annotations
@@ -208,6 +212,57 @@ def report(name: str, args: argparse.Namespace, seeds: list[int]) -> None:
         )
 
 
+def check_pseudo_labels(name: str, args: argparse.Namespace, seeds: list[int]) -> None:
+    """How right each selection's pseudo labels would be: a finished run (``--labeller``, e.g. ``plain``, which
+    is what round 0 reproduces) scores the unlabelled texts, and each selection is checked against the labels
+    the benchmark withheld. No training; prints per label how many texts and how many of them are right."""
+    from tuneforge.infer.predictor import Predictor
+    from tuneforge.train.self_training import select_proportional, select_pseudo_labels
+
+    train, _, text_column, label_column, _ = _source(name)
+    truth: dict[str, str] = {}
+    for text, label in _read(train, text_column, label_column):
+        truth.setdefault(text, label)
+    for seed in seeds:
+        folder = WORK / f"{name}-{args.per_label}-seed{seed}"
+        texts = [text for (text,) in csv.reader((folder / "unlabelled.csv").open(encoding="utf-8"))][1:]
+        labelled = [text for text, _ in _read(folder / "labelled.csv", "text", "label")]
+        predictor = Predictor(folder / args.labeller, open_set=False, calibrated=False)
+        probabilities = [
+            row for start in range(0, len(texts), 256) for row in predictor.predict_proba(texts[start : start + 256])
+        ]
+        labels = predictor.labels
+        right = sum(
+            labels[max(range(len(labels)), key=row.__getitem__)] == truth[t]
+            for t, row in zip(texts, probabilities, strict=True)
+        )
+        print(
+            f"{folder.name}: {len(texts)} unlabelled texts; {args.labeller}'s argmax right on {right / len(texts):.1%}"
+        )
+        selections = {
+            f"threshold {args.threshold}": select_pseudo_labels(
+                texts, probabilities, labels, threshold=args.threshold, exclude=labelled
+            )
+        }
+        for fraction in (0.2, 0.4, 0.6, 1.0):
+            selections[f"proportional {fraction}"] = select_proportional(
+                texts, probabilities, labels, fraction=fraction, exclude=labelled
+            )
+        for title, chosen in selections.items():
+            correct = [truth[t] == y for t, y in zip(chosen.texts, chosen.labels, strict=True)]
+            per_label = {
+                label: (len(hits), sum(hits))
+                for label in labels
+                if (hits := [c for c, y in zip(correct, chosen.labels, strict=True) if y == label])
+            }
+            shown = per_label if len(labels) <= 5 else {}
+            print(
+                f"  {title:18s} {len(correct):5d} texts, {sum(correct) / max(1, len(correct)):.1%} right"
+                + "".join(f"; {label}: {n}, {k / n:.1%} right" for label, (n, k) in shown.items())
+                + ("" if shown else f"; {len(per_label)} of {len(labels)} labels get texts")
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=["banking77", "waimai"], default="banking77")
@@ -220,11 +275,15 @@ def main() -> None:
     parser.add_argument("--selection", choices=["threshold", "proportional"], default="threshold")
     parser.add_argument("--fraction", type=float, default=0.4, help="proportional: share labelled in round 1")
     parser.add_argument("--full", type=float, default=93.1, help="full-data test accuracy, for the gap closed")
-    parser.add_argument("--phase", choices=["train", "report"], default="train")
+    parser.add_argument("--phase", choices=["train", "report", "check-pseudo"], default="train")
+    parser.add_argument("--labeller", default="plain", help="check-pseudo: the finished run that scores the pool")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.phase == "report":
         report(args.dataset, args, seeds)
+        return
+    if args.phase == "check-pseudo":
+        check_pseudo_labels(args.dataset, args, seeds)
         return
     if not DATA_DIR.is_dir():
         raise SystemExit(f"{DATA_DIR}: not found; set TUNEFORGE_DATA_DIR")

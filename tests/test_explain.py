@@ -118,8 +118,10 @@ def test_occlusion_scores_are_probability_differences(predictor: Predictor) -> N
     found = explain(predictor, text)
     assert isinstance(found, Explanation) and found.method == "occlusion"
     assert [w.text for w in found.words] == ["the", "acting", "was", "superb"]
-    # The model learnt "superb" as a happy word: the explanation says so.
-    assert found.label == "happy" and int(np.argmax(found.scores)) == 3 and found.scores[3] > 0.3
+    # The model learnt "superb" as a happy word: the explanation says so, and it outweighs every other word.
+    # (Relative, not an absolute size: the tiny run is unsure, and uncalibrated when validation is all right.)
+    assert found.label == "happy" and int(np.argmax(found.scores)) == 3
+    assert found.scores[3] > 5 * max(abs(s) for s in found.scores[:3])
     rows = np.array(predictor.predict_proba(occlusion_texts(text, found.words)))
     index = predictor.labels.index(found.label)
     assert found.label == predictor.labels[int(np.argmax(rows[0]))]  # the model's best label by default
