@@ -1,5 +1,7 @@
-"""Self-training (noisy-student style): label unlabelled texts with a model, keep the confident labels,
-train again from the pretrained model on the labelled and pseudo-labelled texts, and repeat.
+"""Self-training (noisy-student style): label unlabelled texts with a model, keep the labels it is surest
+of (``selection: threshold``: those above a probability; ``proportional``: a growing share of the texts,
+per label the likeliest), train again from the pretrained model on the labelled and pseudo-labelled
+texts, and repeat.
 
 Every round is an ordinary tuneforge run trained by ``loop.train``. The labelled data is split once,
 and the split files are what every round reads, so every round trains on the same labelled rows,
