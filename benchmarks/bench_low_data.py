@@ -13,6 +13,10 @@ other training texts, without their labels, are the unlabelled file. Each condit
 selection instead of the threshold; their runs and rows are named ``self_training-proportional`` and
 ``both-proportional``, so both selections are kept side by side.
 
+``--teacher RUN`` has round 1 labelled by the seed's finished run ``RUN`` instead of the round-0 model
+(``train.semi_supervised.teacher``): with ``--teacher both`` it is a second round of ``both`` that costs
+one round, not two. Its runs and rows are named ``<condition>-from-<RUN>``.
+
 Every condition gets the same budget of training examples seen per run (``train.min_train_samples``,
 ``--budget``): more texts mean fewer epochs, not more compute; self-training pays for each of its rounds.
 Runs are resumable (a finished run is kept; an interrupted one resumes). Results are appended to
@@ -23,6 +27,7 @@ Runs are resumable (a finished run is kept; an interrupted one resumes). Results
     python benchmarks/bench_low_data.py --dataset waimai --per-label 100 --seeds 0 --budget 5000 \
         --conditions plain,self_training --selection proportional --full 90.37
     python benchmarks/bench_low_data.py --dataset waimai --per-label 100 --seeds 0 --phase check-pseudo
+    python benchmarks/bench_low_data.py --dataset banking77 --per-label 10 --seeds 1,2 --conditions both --teacher both
 
 ``--phase check-pseudo`` trains nothing: a finished run of the seed (``--labeller plain``) scores the
 unlabelled texts and each selection's pseudo labels are checked against the labels the benchmark withheld.
@@ -102,8 +107,11 @@ def _self_training(condition: str) -> bool:
 
 
 def run_name(condition: str, args: argparse.Namespace) -> str:
-    """The condition's folder and row name: the self-training ones say which selection they used."""
-    return f"{condition}-proportional" if _self_training(condition) and args.selection == "proportional" else condition
+    """The condition's folder and row name: the self-training ones say which selection and teacher they used."""
+    if not _self_training(condition):
+        return condition
+    name = f"{condition}-proportional" if args.selection == "proportional" else condition
+    return f"{name}-from-{args.teacher}" if args.teacher else name
 
 
 def condition_config(name: str, folder: Path, condition: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -123,6 +131,8 @@ def condition_config(name: str, folder: Path, condition: str, args: argparse.Nam
             semi.update(selection="proportional", fraction=args.fraction)
         else:
             semi["threshold"] = args.threshold
+        if args.teacher:
+            semi["teacher"] = str(folder / args.teacher)
         raw["train"]["semi_supervised"] = semi
     return raw
 
@@ -158,6 +168,7 @@ def train_condition(name: str, folder: Path, condition: str, args: argparse.Name
         "rounds": args.rounds if _self_training(condition) else None,
         "threshold": args.threshold if _self_training(condition) and args.selection == "threshold" else None,
         "fraction": args.fraction if _self_training(condition) and args.selection == "proportional" else None,
+        "teacher": args.teacher if _self_training(condition) else None,
         "minutes": round((time.perf_counter() - started) / 60, 2),
         "test": _test_scores(run),
         "self_training": _rounds(run),
@@ -192,7 +203,7 @@ def report(name: str, args: argparse.Namespace, seeds: list[int]) -> None:
             latest[(record["condition"], str(record["seed"]))] = record
     plain = {seed: latest[("plain", str(seed))]["test"]["accuracy"] for seed in seeds if ("plain", str(seed)) in latest}
     print(f"{name}, {args.per_label} labelled per label, budget {args.budget}; full-data reference {args.full}")
-    named = [*CONDITIONS, *(f"{c}-proportional" for c in CONDITIONS if _self_training(c))]
+    named = list(dict.fromkeys(condition for condition, _ in latest))
     for condition in named:
         scores = {seed: latest[(condition, str(seed))] for seed in seeds if (condition, str(seed)) in latest}
         if not scores:
@@ -277,6 +288,7 @@ def main() -> None:
     parser.add_argument("--full", type=float, default=93.1, help="full-data test accuracy, for the gap closed")
     parser.add_argument("--phase", choices=["train", "report", "check-pseudo"], default="train")
     parser.add_argument("--labeller", default="plain", help="check-pseudo: the finished run that scores the pool")
+    parser.add_argument("--teacher", default=None, help="the seed's finished run that labels round 1, e.g. both")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.phase == "report":
@@ -289,6 +301,8 @@ def main() -> None:
         raise SystemExit(f"{DATA_DIR}: not found; set TUNEFORGE_DATA_DIR")
     for seed in seeds:
         folder = write_setting(args.dataset, args.per_label, seed)
+        if args.teacher and not (folder / args.teacher / "metrics.json").is_file():
+            raise SystemExit(f"{folder / args.teacher}: no finished run to label round 1; train it first")
         for condition in args.conditions.split(","):
             train_condition(args.dataset, folder, condition, args)
     report(args.dataset, args, seeds)
