@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -9,10 +10,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from tests.conftest import make_rows, write_csv
 from tuneforge.augment import AugmentOptions, EmbeddingNeighbours, LabelFilter, augment_texts, load_neighbours
 from tuneforge.cli import main
+from tuneforge.config import RunConfig
 from tuneforge.data.augment import (
     MODEL_FREE_OPERATIONS,
     STOP_WORDS,
@@ -25,7 +28,9 @@ from tuneforge.data.augment import (
 )
 from tuneforge.data.cleaning import normalise_for_matching
 from tuneforge.data.readers import read_labelled_file
+from tuneforge.data.segment import chinese_pieces
 from tuneforge.errors import DataError
+from tuneforge.train.extra_texts import augment_options
 
 ENGLISH = [text for text, _ in make_rows(30, seed=5)]
 CHINESE = [
@@ -36,8 +41,12 @@ CHINESE = [
 ]
 
 
+_CJK_RANGE = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff"
+_CJK_RUN = f"[{_CJK_RANGE}]+"
+
+
 def _non_cjk_runs(text: str) -> list[str]:
-    return [run for run in re.split(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff]+", text) if run]
+    return [run for run in re.split(_CJK_RUN, text) if run]
 
 
 # --- operations ----------------------------------------------------------------------------------
@@ -128,6 +137,93 @@ def test_cjk_texts_get_character_operations_within_cjk() -> None:
                     assert set(new_cjk) <= set(cjk) and sum(new_cjk.values()) > sum(cjk.values())
             for operation in ("typo", "case"):
                 assert apply_operation(operation, text, rng_for(seed, operation, 0, text)) == text
+
+
+def _word_pieces(text: str) -> list[str]:
+    """jieba's words of ``text``, cut where the script changes: the units word-level CJK augmentation uses."""
+    return [run for word in chinese_pieces(text) for run in re.findall(f"{_CJK_RUN}|[^{_CJK_RANGE}]+", word)]
+
+
+def _built_from(new: str, pieces: list[str], *, droppable: bool = False, extra: frozenset[str] = frozenset()) -> bool:
+    """Whether ``new`` is ``pieces`` in order, with CJK pieces left out (``droppable``) or the strings of
+    ``extra`` put in between: what deleting or inserting whole words can make, and nothing else."""
+
+    @functools.cache
+    def rest(i: int, j: int) -> bool:
+        if i == len(pieces) and j == len(new):
+            return True
+        if i < len(pieces) and new.startswith(pieces[i], j) and rest(i + 1, j + len(pieces[i])):
+            return True
+        if i < len(pieces) and droppable and is_cjk(pieces[i][0]) and rest(i + 1, j):
+            return True
+        return any(new.startswith(word, j) and rest(i, j + len(word)) for word in extra)
+
+    return rest(0, 0)
+
+
+def test_cjk_word_units_move_drop_and_repeat_whole_words() -> None:
+    pytest.importorskip("jieba", reason="jieba (the zh extra) is not installed")
+    broken = {"characters": 0, "words": 0}
+    changed = {"characters": 0, "words": 0}
+    for text in CHINESE:
+        pieces = _word_pieces(text)
+        words = [p for p in pieces if is_cjk(p[0])]
+        assert "".join(pieces) == text and any(len(w) > 1 for w in words)
+        for seed in range(5):
+            for units in ("characters", "words"):
+                swapped = apply_operation("swap", text, rng_for(seed, "swap", 0, text), rate=0.3, cjk_units=units)
+                deleted = apply_operation("delete", text, rng_for(seed, "delete", 0, text), rate=0.3, cjk_units=units)
+                inserted = apply_operation("insert", text, rng_for(seed, "insert", 0, text), rate=0.3, cjk_units=units)
+                whole = (
+                    Counter(swapped) == Counter(text)
+                    and all(word in swapped for word in words)
+                    and _non_cjk_runs(swapped) == _non_cjk_runs(text)
+                    and _built_from(deleted, pieces, droppable=True)
+                    and _built_from(inserted, pieces, extra=frozenset(words))
+                )
+                # Two swaps may undo each other (as in EDA); deletion and insertion always change something.
+                assert deleted != text and inserted != text
+                changed[units] += swapped != text
+                if units == "words":
+                    assert whole, (text, swapped, deleted, inserted)
+                broken[units] += not whole
+    # The default acts on characters, so it does cut words: the check above is not true of any output.
+    assert broken == {"characters": broken["characters"], "words": 0} and broken["characters"] > 0
+    assert changed["words"] >= 0.8 * len(CHINESE) * 5
+    # Seeded like the character operations; English text is not touched by the choice.
+    again = generate_candidates(CHINESE, ["x"] * 4, ["swap", "delete"], seed=2, cjk_units="words")
+    assert again == generate_candidates(CHINESE, ["x"] * 4, ["swap", "delete"], seed=2, cjk_units="words")
+    assert again != generate_candidates(CHINESE, ["x"] * 4, ["swap", "delete"], seed=2)
+    english = generate_candidates(ENGLISH, ["x"] * len(ENGLISH), ["swap", "insert"], seed=2, cjk_units="words")
+    assert english == generate_candidates(ENGLISH, ["x"] * len(ENGLISH), ["swap", "insert"], seed=2)
+
+
+def test_cjk_units_through_the_pipeline_config_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("jieba", reason="jieba (the zh extra) is not installed")
+    options = AugmentOptions(operations=("swap", "delete", "insert"), cjk_units="words", rate=0.3)
+    result = augment_texts(CHINESE, ["neg", "pos", "neg", "pos"], options)
+    assert result.report["options"]["cjk_units"] == "words" and result.report["augmented"] > 0
+    with pytest.raises(DataError, match="CJK units: unknown 'syllables'"):
+        AugmentOptions(cjk_units="syllables").check()
+    with pytest.raises(DataError, match="CJK units: unknown 'syllables'"):
+        generate_candidates(CHINESE, ["x"] * 4, ["swap"], cjk_units="syllables")
+    # The config's key, validated by the schema, reaches the options training uses.
+    raw = {"model": {"name": "minilm-l6"}, "data": {"train": "t.csv", "augment": {"cjk_units": "words"}}}
+    config = RunConfig.model_validate(raw)
+    assert augment_options(config.data.augment, config).cjk_units == "words"
+    raw["data"]["augment"]["cjk_units"] = "syllables"
+    with pytest.raises(ValidationError, match="cjk_units"):
+        RunConfig.model_validate(raw)
+    data = write_csv(tmp_path / "zh.csv", [(t, "neg" if i % 2 else "pos") for i, t in enumerate(CHINESE)])
+    out = tmp_path / "zh_aug.csv"
+    assert (
+        main(["augment", str(data), "--out", str(out), "--ops", "delete", "--cjk-units", "words", "--no-progress"]) == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert report["options"]["cjk_units"] == "words" and report["augmented"] == 4
+    written = read_labelled_file(out).texts  # the originals as cleaned (NFKC: full-width commas), then copies
+    sources, copies = written[:4], written[4:]
+    assert all(_built_from(c, _word_pieces(source), droppable=True) for c, source in zip(copies, sources, strict=True))
 
 
 # --- neighbours ----------------------------------------------------------------------------------

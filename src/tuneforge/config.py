@@ -53,6 +53,11 @@ class AugmentConfig(_Section):
     )
     copies: int = Field(1, ge=1, le=100, description="Copies each operation makes of each text.")
     rate: float = Field(0.1, gt=0.0, le=1.0, description="Share of a text's words (or CJK characters) changed.")
+    cjk_units: Literal["characters", "words"] = Field(
+        "characters",
+        description="What swap, delete and insert move, drop or repeat in CJK text: single characters, or "
+        "Chinese words (jieba, the zh extra).",
+    )
     seed: int | None = Field(None, description="None: train.seed.")
     balance_below: int | None = Field(
         None, ge=1, description="Augment only the labels with fewer training texts than this; None: all."

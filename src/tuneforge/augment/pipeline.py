@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tuneforge.augment.paraphrase import ENGINES as PARAPHRASE_ENGINES
 from tuneforge.augment.paraphrase import Paraphraser, RateColumn
 from tuneforge.data.augment import (
+    CJK_UNITS,
     DEFAULT_RATE,
     MODEL_FREE_OPERATIONS,
     Candidate,
@@ -57,6 +58,7 @@ class AugmentOptions:
     neighbour_model: str | None = None  # a run directory or model name; default: filter_run
     neighbours: int = 5
     paraphrase_engine: str = "auto"  # auto (llama_cpp if installed, else transformers), llama_cpp, transformers
+    cjk_units: str = "characters"  # what swap, delete and insert act on in CJK text: characters or words (jieba)
 
     def check(self) -> AugmentOptions:
         operations = parse_operations(self.operations)
@@ -71,6 +73,8 @@ class AugmentOptions:
                 "operation 'neighbour' needs a model's word embeddings: give a neighbour model "
                 "(--neighbour-model RUN_OR_MODEL) or a filter run"
             )
+        if self.cjk_units not in CJK_UNITS:
+            raise DataError(f"CJK units: unknown {self.cjk_units!r}; choose from {', '.join(CJK_UNITS)}")
         if self.paraphrase_engine not in PARAPHRASE_ENGINES:
             raise DataError(
                 f"paraphrase engine: unknown {self.paraphrase_engine!r}; choose from {', '.join(PARAPHRASE_ENGINES)}"
@@ -173,6 +177,7 @@ def augment_texts(
         paraphrases=paraphrases,
         balance_below=options.balance_below,
         counts=counts,
+        cjk_units=options.cjk_units,
         on_text=(lambda: progress.advance(task)) if progress is not None and task is not None else None,
     )
     kept = _filter(candidates, label_filter, counts, progress)
@@ -249,6 +254,7 @@ def _report(
             else None,
             "neighbours": options.neighbours if "neighbour" in options.operations else None,
             "paraphrase_engine": options.paraphrase_engine if "paraphrase" in options.operations else None,
+            "cjk_units": options.cjk_units,
         },
         "filter": None
         if label_filter is None

@@ -3,7 +3,9 @@
 Operations (names as the CLI and configs spell them):
 
 - ``swap``, ``delete``, ``insert``: EDA (Wei & Zou 2019) random swap, deletion and insertion, without
-  WordNet: an inserted word is another word of the same text. On CJK text they act on characters.
+  WordNet: an inserted word is another word of the same text. On CJK text they act on characters, or
+  with ``cjk_units="words"`` on Chinese words (jieba, the ``zh`` extra): most Chinese words are two
+  characters, and moving or dropping one character of a word leaves a string no reader writes.
 - ``typo``: keyboard noise on letters (a neighbouring key, a dropped or a doubled character).
 - ``case``: casing noise (all lower case, a capitalised first letter, or one word in capitals).
 - ``neighbour``: whole words replaced by their nearest neighbours in a model's word-embedding space.
@@ -30,6 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from tuneforge.data.cleaning import normalise_for_matching
+from tuneforge.data.segment import chinese_pieces
 from tuneforge.errors import DataError
 
 #: Operations that need no model; ``neighbour`` needs a neighbour lookup, ``paraphrase`` a paraphrase lookup.
@@ -37,6 +40,8 @@ MODEL_FREE_OPERATIONS = ("swap", "delete", "insert", "typo", "case")
 OPERATIONS = (*MODEL_FREE_OPERATIONS, "neighbour", "paraphrase")
 #: Operations that act on CJK characters (the others leave a CJK text unchanged).
 CJK_OPERATIONS = ("swap", "delete", "insert")
+#: What those operations move, drop or repeat in CJK text: single characters, or Chinese words (jieba).
+CJK_UNITS = ("characters", "words")
 DEFAULT_RATE = 0.1
 
 #: A lookup from a lower-case word to its nearest neighbours, best first; empty when it has none.
@@ -55,7 +60,9 @@ ParaphraseLookup = Callable[[str, int], str | Rejected]
 
 # Han ideographs (extension A, unified, compatibility), kana. Hangul is written with spaces between
 # words, so Korean takes the word-level operations.
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff]")
+_CJK_CHARS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff"
+_CJK = re.compile(f"[{_CJK_CHARS}]")
+_CJK_OR_NOT = re.compile(f"[{_CJK_CHARS}]+|[^{_CJK_CHARS}]+")
 _LETTER = re.compile(r"[^\W\d_]")
 # A word in a whitespace-separated token: leading and trailing punctuation stay where they are.
 _WORD_IN_TOKEN = re.compile(r"^(\W*)(.*?)(\W*)$", re.DOTALL)
@@ -128,10 +135,10 @@ def _check_rate(rate: float) -> None:
 # --- word-level operations ------------------------------------------------------------------------
 
 
-def random_swap(text: str, rng: random.Random, *, rate: float = DEFAULT_RATE) -> str:
-    """Swap two words (two CJK characters in a CJK text) ``rate * length`` times."""
+def random_swap(text: str, rng: random.Random, *, rate: float = DEFAULT_RATE, cjk_units: str = "characters") -> str:
+    """Swap two words (two CJK characters, or words, in a CJK text) ``rate * length`` times."""
     if is_cjk_text(text):
-        return _cjk_swap(text, rng, rate)
+        return _cjk_swap(text, rng, rate, cjk_units)
     words = text.split()
     if len(words) < 2:
         return text
@@ -141,10 +148,10 @@ def random_swap(text: str, rng: random.Random, *, rate: float = DEFAULT_RATE) ->
     return " ".join(words)
 
 
-def random_deletion(text: str, rng: random.Random, *, rate: float = DEFAULT_RATE) -> str:
-    """Delete each word (CJK character) with probability ``rate``; at least one goes, at least one stays."""
+def random_deletion(text: str, rng: random.Random, *, rate: float = DEFAULT_RATE, cjk_units: str = "characters") -> str:
+    """Delete each word (CJK character or word) with probability ``rate``; at least one goes, one stays."""
     if is_cjk_text(text):
-        return _cjk_delete(text, rng, rate)
+        return _cjk_delete(text, rng, rate, cjk_units)
     words = text.split()
     if len(words) < 2:
         return text
@@ -156,10 +163,12 @@ def random_deletion(text: str, rng: random.Random, *, rate: float = DEFAULT_RATE
     return " ".join(word for word, kept in zip(words, keep, strict=True) if kept)
 
 
-def random_insertion(text: str, rng: random.Random, *, rate: float = DEFAULT_RATE) -> str:
-    """Insert ``rate * length`` words of the text itself (CJK: characters) at random places."""
+def random_insertion(
+    text: str, rng: random.Random, *, rate: float = DEFAULT_RATE, cjk_units: str = "characters"
+) -> str:
+    """Insert ``rate * length`` words of the text itself (CJK: characters or words) at random places."""
     if is_cjk_text(text):
-        return _cjk_insert(text, rng, rate)
+        return _cjk_insert(text, rng, rate, cjk_units)
     words = text.split()
     if len(words) < 2:
         return text
@@ -283,17 +292,25 @@ def neighbour_substitution(
     return " ".join(tokens)
 
 
-# --- CJK: characters, never inside the non-CJK runs between them ------------------------------------
+# --- CJK: characters or words, never inside the non-CJK runs between them ----------------------------
 
 
-def _cjk_units(text: str) -> list[str]:
-    """The text as units: each CJK character alone, each maximal run of anything else whole."""
+def _cjk_units(text: str, kind: str = "characters") -> list[str]:
+    """The text as units: each CJK character (or Chinese word) alone, each maximal run of anything else
+    whole. A unit is a CJK one when its first character is CJK."""
+    if kind not in CJK_UNITS:
+        raise DataError(f"CJK units: unknown {kind!r}; choose from {', '.join(CJK_UNITS)}")
+    if kind == "words":
+        # A jieba word that mixes scripts ("3点") is cut where the script changes.
+        pieces = [run for word in chinese_pieces(text) for run in _CJK_OR_NOT.findall(word)]
+    else:
+        pieces = list(text)
     units: list[str] = []
-    for char in text:
-        if is_cjk(char) or not units or is_cjk(units[-1][0]):
-            units.append(char)
+    for piece in pieces:
+        if is_cjk(piece[0]) or not units or is_cjk(units[-1][0]):
+            units.append(piece)
         else:
-            units[-1] += char
+            units[-1] += piece
     return units
 
 
@@ -301,8 +318,8 @@ def _cjk_positions(units: list[str]) -> list[int]:
     return [i for i, unit in enumerate(units) if is_cjk(unit[0])]
 
 
-def _cjk_swap(text: str, rng: random.Random, rate: float) -> str:
-    units = _cjk_units(text)
+def _cjk_swap(text: str, rng: random.Random, rate: float, kind: str = "characters") -> str:
+    units = _cjk_units(text, kind)
     positions = _cjk_positions(units)
     if len({units[i] for i in positions}) < 2:
         return text
@@ -312,8 +329,8 @@ def _cjk_swap(text: str, rng: random.Random, rate: float) -> str:
     return "".join(units)
 
 
-def _cjk_delete(text: str, rng: random.Random, rate: float) -> str:
-    units = _cjk_units(text)
+def _cjk_delete(text: str, rng: random.Random, rate: float, kind: str = "characters") -> str:
+    units = _cjk_units(text, kind)
     positions = _cjk_positions(units)
     if len(positions) < 2:
         return text
@@ -325,8 +342,8 @@ def _cjk_delete(text: str, rng: random.Random, rate: float) -> str:
     return "".join(unit for i, unit in enumerate(units) if i not in gone)
 
 
-def _cjk_insert(text: str, rng: random.Random, rate: float) -> str:
-    units = _cjk_units(text)
+def _cjk_insert(text: str, rng: random.Random, rate: float, kind: str = "characters") -> str:
+    units = _cjk_units(text, kind)
     positions = _cjk_positions(units)
     if len(positions) < 2:
         return text
@@ -369,6 +386,7 @@ def apply_operation(
     neighbours: NeighbourLookup | None = None,
     paraphrases: ParaphraseLookup | None = None,
     copy: int = 0,
+    cjk_units: str = "characters",
 ) -> str:
     """One augmented copy of ``text`` (copy number ``copy``); the text itself when the operation cannot
     change it (for ``paraphrase``: when the lookup has no paraphrase of it)."""
@@ -384,6 +402,8 @@ def apply_operation(
     function = _FUNCTIONS.get(operation)
     if function is None:
         raise DataError(f"augmentation operation: unknown {operation!r}; choose from {', '.join(OPERATIONS)}")
+    if operation in CJK_OPERATIONS:
+        return function(text, rng, rate=rate, cjk_units=cjk_units)
     return function(text, rng, rate=rate)
 
 
@@ -446,13 +466,15 @@ def generate_candidates(
     balance_below: int | None = None,
     counts: dict[str, OperationCounts] | None = None,
     on_text: Callable[[], None] | None = None,
+    cjk_units: str = "characters",
 ) -> list[Candidate]:
     """``copies`` augmented copies of each text per operation, deduplicated.
 
     Dropped here (counted per operation in ``counts``): ``unchanged`` (the operation could not change
     the text), ``duplicate_of_original`` (equal to an original text under normalised matching) and
     ``duplicate`` (equal to an earlier candidate), and for ``paraphrase`` the lookup's reasons.
-    ``on_text`` is called once per original (progress).
+    ``on_text`` is called once per original (progress). ``cjk_units``: what swap, delete and insert act
+    on in CJK text (``characters``, or ``words``: Chinese words by jieba).
     """
     if copies < 1:
         raise DataError(f"copies: must be at least 1, got {copies}")
@@ -461,6 +483,8 @@ def generate_candidates(
     if not texts:
         raise DataError("augmentation: no texts to augment")
     _check_rate(rate)
+    if cjk_units not in CJK_UNITS:
+        raise DataError(f"CJK units: unknown {cjk_units!r}; choose from {', '.join(CJK_UNITS)}")
     operations = parse_operations(operations)
     if "neighbour" in operations and neighbours is None:
         raise DataError("augmentation operation 'neighbour' needs a model's word embeddings (a neighbour lookup)")
@@ -490,7 +514,12 @@ def generate_candidates(
                         new = found
                     else:
                         new = apply_operation(
-                            operation, text, rng_for(seed, operation, copy, text), rate=rate, neighbours=neighbours
+                            operation,
+                            text,
+                            rng_for(seed, operation, copy, text),
+                            rate=rate,
+                            neighbours=neighbours,
+                            cjk_units=cjk_units,
                         )
                     exact = operation == "case"
                     key = _exact_key(new) if exact else normalise_for_matching(new)

@@ -29,6 +29,12 @@ def segment_words(texts: Iterable[str], language: str) -> list[list[str]]:
     return [text.split() for text in texts]
 
 
+def chinese_pieces(text: str) -> list[str]:
+    """``text`` cut into jieba's words, keeping everything between them (spaces, punctuation, Latin):
+    the pieces join back into ``text``."""
+    return _jieba().lcut(text)
+
+
 def _jieba() -> ModuleType:
     try:
         import jieba

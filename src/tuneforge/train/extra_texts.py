@@ -62,6 +62,7 @@ def augment_options(cfg: AugmentConfig, run: RunConfig, *, with_filter: bool = T
         min_probability=cfg.min_probability,
         neighbour_model=cfg.neighbour_model or run.model.name,
         paraphrase_engine=cfg.paraphrase_engine,
+        cjk_units=cfg.cjk_units,
     )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from tuneforge.data.augment import DEFAULT_RATE, MODEL_FREE_OPERATIONS, OPERATIONS
+from tuneforge.data.augment import CJK_UNITS, DEFAULT_RATE, MODEL_FREE_OPERATIONS, OPERATIONS
 
 # As tuneforge.augment.paraphrase.ENGINES (not imported here: building the parser must stay light);
 # tests/test_paraphrase.py checks the two agree.
@@ -34,6 +34,12 @@ def add_augment_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--rate", type=float, default=DEFAULT_RATE, help=f"share of words changed per copy (default {DEFAULT_RATE})"
+    )
+    p.add_argument(
+        "--cjk-units",
+        choices=CJK_UNITS,
+        default="characters",
+        help="what swap, delete and insert act on in CJK text: characters (default) or Chinese words (jieba)",
     )
     p.add_argument("--balance-below", type=int, metavar="N", help="augment only classes with fewer than N texts")
     p.add_argument("--filter-run", type=Path, metavar="RUN", help="keep a copy only if this run still labels it so")
@@ -80,6 +86,7 @@ def run_augment_command(args: argparse.Namespace, console: Console) -> int:
         neighbour_model=args.neighbour_model,
         neighbours=args.neighbours,
         paraphrase_engine=args.paraphrase_engine,
+        cjk_units=args.cjk_units,
     )
     result = augment_file(
         path,
