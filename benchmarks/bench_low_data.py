@@ -17,6 +17,9 @@ selection instead of the threshold; their runs and rows are named ``self_trainin
 (``train.semi_supervised.teacher``): with ``--teacher both`` it is a second round of ``both`` that costs
 one round, not two. Its runs and rows are named ``<condition>-from-<RUN>``.
 
+``--cjk-units words`` augments Chinese text by whole words (jieba) instead of characters
+(``data.augment.cjk_units``); the augmenting conditions' runs and rows get ``-words`` in their names.
+
 Every condition gets the same budget of training examples seen per run (``train.min_train_samples``,
 ``--budget``): more texts mean fewer epochs, not more compute; self-training pays for each of its rounds.
 Runs are resumable (a finished run is kept; an interrupted one resumes). Results are appended to
@@ -106,11 +109,19 @@ def _self_training(condition: str) -> bool:
     return condition in ("self_training", "both")
 
 
+def _augmenting(condition: str) -> bool:
+    return condition in ("augment", "both")
+
+
 def run_name(condition: str, args: argparse.Namespace) -> str:
-    """The condition's folder and row name: the self-training ones say which selection and teacher they used."""
+    """The condition's folder and row name: it says which augmentation units, selection and teacher it used."""
+    name = condition
+    if _augmenting(condition) and args.cjk_units == "words":
+        name += "-words"
     if not _self_training(condition):
-        return condition
-    name = f"{condition}-proportional" if args.selection == "proportional" else condition
+        return name
+    if args.selection == "proportional":
+        name += "-proportional"
     return f"{name}-from-{args.teacher}" if args.teacher else name
 
 
@@ -122,8 +133,8 @@ def condition_config(name: str, folder: Path, condition: str, args: argparse.Nam
         "train": {"min_train_samples": args.budget, "seed": 42},
         "output": {"dir": str(folder / run_name(condition, args))},
     }
-    if condition in ("augment", "both"):
-        raw["data"]["augment"] = {"operations": MODEL_FREE, "copies": 1}
+    if _augmenting(condition):
+        raw["data"]["augment"] = {"operations": MODEL_FREE, "copies": 1, "cjk_units": args.cjk_units}
     if condition in ("self_training", "both"):
         raw["data"]["unlabeled"] = str(folder / "unlabelled.csv")
         semi: dict[str, Any] = {"rounds": args.rounds}
@@ -169,6 +180,7 @@ def train_condition(name: str, folder: Path, condition: str, args: argparse.Name
         "threshold": args.threshold if _self_training(condition) and args.selection == "threshold" else None,
         "fraction": args.fraction if _self_training(condition) and args.selection == "proportional" else None,
         "teacher": args.teacher if _self_training(condition) else None,
+        "cjk_units": args.cjk_units if _augmenting(condition) else None,
         "minutes": round((time.perf_counter() - started) / 60, 2),
         "test": _test_scores(run),
         "self_training": _rounds(run),
@@ -289,6 +301,7 @@ def main() -> None:
     parser.add_argument("--phase", choices=["train", "report", "check-pseudo"], default="train")
     parser.add_argument("--labeller", default="plain", help="check-pseudo: the finished run that scores the pool")
     parser.add_argument("--teacher", default=None, help="the seed's finished run that labels round 1, e.g. both")
+    parser.add_argument("--cjk-units", choices=["characters", "words"], default="characters", help="augmenting CJK")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.phase == "report":
