@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import shutil
@@ -216,6 +217,8 @@ def test_self_training_publishes_the_best_round_with_its_record(
     assert report["published_round"] == best
     assert result.run_dir == target
     assert result.metrics["validation"]["accuracy"] == scores[best]
+    # Round 0 adds no pseudo labels, so only a later round brings its pseudo_labels.csv along.
+    assert (target / "pseudo_labels.csv").is_file() == (best > 0)
     assert "published round" in out.getvalue()
 
     # Every round validated and tested on the same split files; pseudo labels only reach training.
@@ -271,6 +274,14 @@ def test_proportional_self_training_labels_a_growing_share_each_round(
         assert record["threshold"] is None and record["skipped_as_labelled"] == 5
         assert record["train_examples"] == len(labelled_rows) + record["pseudo_labelled"]
     assert report["settings"]["selection"] == "proportional"
+    # The published round's pseudo labels are kept beside its model: the rows it was trained on beyond the
+    # labelled ones, with the probability the round-1 model gave each label.
+    with (tmp_path / "run" / "pseudo_labels.csv").open(encoding="utf-8", newline="") as handle:
+        kept = list(csv.DictReader(handle))
+    assert len(kept) == report["rounds"][2]["pseudo_labelled"]
+    added = list(csv.reader(io.StringIO(recorder.calls[2]["train"])))[1 + len(labelled_rows) :]
+    assert [[row["text"], row["label"]] for row in kept] == added
+    assert all(0 < float(row["probability"]) <= 1 for row in kept)
 
 
 def test_resume_keeps_finished_rounds_and_continues_the_interrupted_one(

@@ -21,9 +21,10 @@ The rounds live in a work folder beside the target, ``<output.dir>.rounds/``::
 
 The last round (``publish: last``, the default) or the one that scores best on validation
 (``publish: best``; ``train.metric``, ties to the later round) is published as ``output.dir`` with
-``self_training.json`` beside its model and the user's config as its config.yaml. The work folder is
-then deleted: every round's scores are kept in self_training.json, and a kept model per round would
-multiply a run's disk use by ``rounds + 1``.
+``self_training.json`` beside its model, the user's config as its config.yaml, and the texts its round
+added in ``pseudo_labels.csv`` (text, pseudo label, the labelling model's probability of it: what the
+model taught itself, to read or audit). The work folder is then deleted: every round's scores are kept
+in self_training.json, and a kept model per round would multiply a run's disk use by ``rounds + 1``.
 
 Resuming (``resume=True``) keeps every finished round, resumes an interrupted one from its
 checkpoint, and reuses a round's pseudo labels only while the model that made them is unchanged
@@ -39,7 +40,7 @@ import io
 import json
 import shutil
 import statistics
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ from tuneforge.train.unlabelled import read_unlabelled_texts
 
 WORK_SUFFIX = ".rounds"
 REPORT_FILE = "self_training.json"
+#: In the published run: the texts its round added with their pseudo labels, for a user to audit.
+PSEUDO_LABELS_FILE = "pseudo_labels.csv"
 _TEACHER_KEY = "train.semi_supervised.teacher"
 _PREDICT_CHUNK = 256
 # What a work folder may hold: anything else in it means it is not ours, and --overwrite must not delete it.
@@ -231,7 +234,9 @@ def self_train(
     if st.teacher is not None:
         _check_teacher(st.teacher, data.labels)
     splits = {"train": data.train, "validation": data.validation, "test": data.test}
-    split_csv = {name: _to_csv(part.texts, part.labels) for name, part in splits.items() if part is not None}
+    split_csv = {
+        name: _to_csv(zip(part.texts, part.labels, strict=True)) for name, part in splits.items() if part is not None
+    }
 
     if resume:
         for name, text in split_csv.items():
@@ -295,7 +300,7 @@ def self_train(
                 break
             previous = selection
             train_file = work / f"round-{k}-train.csv"
-            rows = _to_csv([*data.train.texts, *pseudo.texts], [*data.train.labels, *pseudo.labels])
+            rows = _to_csv(zip([*data.train.texts, *pseudo.texts], [*data.train.labels, *pseudo.labels], strict=True))
             if not train_file.exists() or train_file.read_text(encoding="utf-8") != rows:
                 atomic_write_text(train_file, rows)
         metrics = _train_round(config, work, k, train_file, resume=resume, console=console, show_progress=show_progress)
@@ -311,7 +316,10 @@ def self_train(
         chosen = rounds[-1]["index"]
     report = _report(rounds, st, config, len(unlabelled), stopped, chosen)
     atomic_write_json(work / REPORT_FILE, report)
-    _publish(work / f"round-{chosen}", target, config, report)
+    pseudo_rows = (
+        json.loads((work / f"round-{chosen}-pseudo.json").read_text(encoding="utf-8"))["rows"] if chosen else []
+    )
+    _publish(work / f"round-{chosen}", target, config, report, pseudo_rows)
     console.print(
         f"self-training: published round {chosen} ({st.publish}; validation {metric} "
         f"{rounds[chosen]['validation'][metric]:.2f}, round 0: {rounds[0]['validation'][metric]:.2f})"
@@ -618,8 +626,11 @@ def _report(
     }
 
 
-def _publish(round_dir: Path, target: Path, config: RunConfig, report: dict[str, Any]) -> None:
-    """Copy the chosen round in as ``target`` (one swap), with the report and the user's own config."""
+def _publish(
+    round_dir: Path, target: Path, config: RunConfig, report: dict[str, Any], pseudo_rows: list[list[Any]]
+) -> None:
+    """Copy the chosen round in as ``target`` (one swap), with the report, the user's own config and the
+    round's pseudo labels (text, label, the labelling model's probability of it)."""
     check_replaceable(target, option="output.dir")  # whatever is there now, not when the run started
     if not is_run_dir(round_dir):
         raise RunDirError(f"{round_dir}: the round's run is missing")
@@ -629,15 +640,19 @@ def _publish(round_dir: Path, target: Path, config: RunConfig, report: dict[str,
         shutil.copytree(round_dir, folder, dirs_exist_ok=True)
         atomic_write_text(folder / "config.yaml", config.to_yaml())
         atomic_write_json(folder / REPORT_FILE, report)
+        if pseudo_rows:
+            atomic_write_text(
+                folder / PSEUDO_LABELS_FILE, _to_csv(pseudo_rows, header=("text", "label", "probability"))
+            )
 
     atomic_replace_dir(target, write)
 
 
-def _to_csv(texts: Sequence[str], labels: Sequence[str]) -> str:
+def _to_csv(rows: Iterable[Sequence[Any]], *, header: Sequence[str] = ("text", "label")) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["text", "label"])
-    writer.writerows(zip(texts, labels, strict=True))
+    writer.writerow(header)
+    writer.writerows(rows)
     return buffer.getvalue()
 
 
