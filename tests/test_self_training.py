@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -303,6 +304,17 @@ def test_resume_keeps_finished_rounds_and_continues_the_interrupted_one(
     # Without --resume or --overwrite, the interrupted rounds are not silently replaced.
     with pytest.raises(RunDirError, match="pass --resume to continue it or --overwrite"):
         self_train(validate_config(raw), show_progress=False, console=Console(file=io.StringIO()))
+
+    # A self-training begun before a nested key existed resumes with that key at its default (its saved
+    # config lacks it); a nested key that did change is named in full.
+    saved_config = work / "config.yaml"
+    saved = yaml.safe_load(saved_config.read_text(encoding="utf-8"))
+    del saved["train"]["semi_supervised"]["selection"]
+    saved_config.write_text(yaml.safe_dump(saved), encoding="utf-8")
+    changed = copy.deepcopy(raw)
+    changed["train"]["semi_supervised"]["threshold"] = 0.5
+    with pytest.raises(RunDirError, match=r"^train\.semi_supervised\.threshold: differs from the interrupted self"):
+        self_train(validate_config(changed), resume=True, show_progress=False, console=Console(file=io.StringIO()))
 
     recorder.calls.clear()
     seen: dict[Path, int] = {}

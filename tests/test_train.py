@@ -15,8 +15,8 @@ from transformers import AutoModelForSequenceClassification
 from tests.conftest import tiny_config
 from tests.fault_injection import run_cli, run_cli_killed_at
 from tuneforge.config import validate_config
-from tuneforge.errors import ConfigError
-from tuneforge.train.loop import auto_epochs, train
+from tuneforge.errors import ConfigError, RunDirError
+from tuneforge.train.loop import auto_epochs, check_same_config, train
 
 
 def test_train_writes_a_complete_run_directory(tiny_model_dir: Path, tiny_data: dict, tmp_path: Path) -> None:
@@ -129,6 +129,35 @@ def test_resume_refuses_a_changed_config(tiny_model_dir: Path, tiny_data: dict, 
     assert changed.returncode == 2
     assert "train.learning_rate: differs from the interrupted run" in changed.stderr
     assert "Traceback" not in changed.stderr
+
+
+def test_resume_check_reads_a_key_missing_at_any_depth_as_its_default(
+    tiny_model_dir: Path, tiny_data: dict, tmp_path: Path
+) -> None:
+    # A run begun before data.augment.cjk_units existed saved data.augment without it.
+    raw = tiny_config(tiny_model_dir, tiny_data, tmp_path / "run", threads=1)
+    raw["data"]["augment"] = {"operations": ["swap"], "copies": 2}
+    saved = validate_config(raw).model_dump(mode="json")
+    del saved["data"]["augment"]["cjk_units"]
+    saved_yaml = yaml.safe_dump(saved)
+
+    check_same_config(saved_yaml, validate_config(raw), interrupted="run in x")  # the default: resumes
+    ignored = {**raw, "train": {**raw["train"], "threads": 2}}
+    check_same_config(saved_yaml, validate_config(ignored), interrupted="run in x")
+
+    for key, value, expected in [
+        ("cjk_units", "words", "data.augment.cjk_units: differs from the interrupted run in x (None there, 'words'"),
+        ("copies", 3, "data.augment.copies: differs from the interrupted run in x (2 there, 3 now)"),
+    ]:
+        changed = {**raw, "data": {**raw["data"], "augment": {**raw["data"]["augment"], key: value}}}
+        with pytest.raises(RunDirError) as caught:
+            check_same_config(saved_yaml, validate_config(changed), interrupted="run in x")
+        assert str(caught.value).startswith(expected)
+
+    # A section the saved run did not have at all is compared whole against its default.
+    without = {**raw, "data": {k: v for k, v in raw["data"].items() if k != "augment"}}
+    with pytest.raises(RunDirError, match=r"^data\.augment: differs .*\(\{.*\} there, None now\)"):
+        check_same_config(saved_yaml, validate_config(without), interrupted="run in x")
 
 
 @pytest.mark.parametrize("accum", [1, 3])

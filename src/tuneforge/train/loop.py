@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
 from rich.console import Console
 
 from tuneforge import adapters
@@ -278,7 +280,7 @@ def _check_output(config: RunConfig, target: Path, *, resume: bool, overwrite: b
                 f"output.dir: no interrupted run of {target} to resume ({staging.path} has no checkpoint)"
             )
         saved = staging.config_file.read_text(encoding="utf-8") if staging.config_file.exists() else ""
-        _check_same_config(saved, config, staging.path)
+        check_same_config(saved, config, interrupted=f"run in {staging.path}")
     # First what may never be replaced (with or without --overwrite), then what only --overwrite replaces.
     check_replaceable(target, option="output.dir")
     check_replaceable(staging.path, option="output.dir")
@@ -297,23 +299,43 @@ def _non_empty(path: Path) -> bool:
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
-def _check_same_config(saved_yaml: str, config: RunConfig, path: Path) -> None:
+def check_same_config(saved_yaml: str, config: RunConfig, *, interrupted: str) -> None:
+    """Refuse to resume ``interrupted`` (e.g. "run in runs/x.partial") under another config than it began with.
+
+    A key the saved config lacks, at any depth, counts as its schema default: a run begun before the key
+    existed resumes when the key is still at the default it then had implicitly.
+    """
     import yaml
 
     saved = yaml.safe_load(saved_yaml) or {}
-    current = config.model_dump(mode="json")
-    for section, values in current.items():
-        fields = type(getattr(config, section)).model_fields
-        for key, value in values.items():
-            if (section, key) in RESUME_IGNORED_KEYS:
+    difference = _first_difference(saved, config, ())
+    if difference is not None:
+        key, there, now = difference
+        raise RunDirError(
+            f"{key}: differs from the interrupted {interrupted} ({there!r} there, {now!r} now); "
+            "resume with the same config"
+        )
+
+
+def _first_difference(saved: Any, model: BaseModel, path: tuple[str, ...]) -> tuple[str, Any, Any] | None:
+    saved = saved if isinstance(saved, dict) else {}
+    for name, field in type(model).model_fields.items():
+        key = (*path, name)
+        if key in RESUME_IGNORED_KEYS:
+            continue
+        value = getattr(model, name)
+        if name not in saved:
+            if to_jsonable_python(value) == to_jsonable_python(field.get_default(call_default_factory=True)):
                 continue
-            if key not in saved.get(section, {}) and key in fields and value == fields[key].default:
-                continue  # a key added since the run started, at the default it then had implicitly
-            if saved.get(section, {}).get(key) != value:
-                raise RunDirError(
-                    f"{section}.{key}: differs from the interrupted run in {path} "
-                    f"({saved.get(section, {}).get(key)!r} there, {value!r} now); resume with the same config"
-                )
+            return ".".join(key), None, to_jsonable_python(value)
+        there = saved[name]
+        if isinstance(value, BaseModel) and isinstance(there, dict):
+            difference = _first_difference(there, value, key)
+            if difference is not None:
+                return difference
+        elif there != to_jsonable_python(value):
+            return ".".join(key), there, to_jsonable_python(value)
+    return None
 
 
 @dataclass

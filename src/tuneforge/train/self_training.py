@@ -357,7 +357,7 @@ def _check_output(config: RunConfig, target: Path, work: Path, *, resume: bool, 
         saved = work / "config.yaml"
         if not saved.is_file():
             raise RunDirError(f"output.dir: no interrupted self-training of {target} to resume ({work} not found)")
-        _check_same_config(saved, config)
+        loop.check_same_config(saved.read_text(encoding="utf-8"), config, interrupted=f"self-training in {work}")
         return
     if overwrite:
         return
@@ -379,21 +379,6 @@ def _is_work_dir(path: Path) -> bool:
             continue
         return False
     return True
-
-
-def _check_same_config(saved_file: Path, config: RunConfig) -> None:
-    import yaml
-
-    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
-    for section, values in config.model_dump(mode="json").items():
-        for key, value in values.items():
-            if (section, key) in loop.RESUME_IGNORED_KEYS:
-                continue
-            if saved.get(section, {}).get(key) != value:
-                raise RunDirError(
-                    f"{section}.{key}: differs from the interrupted self-training in {saved_file.parent} "
-                    f"({saved.get(section, {}).get(key)!r} there, {value!r} now); resume with the same config"
-                )
 
 
 def _check_teacher(teacher: Path, labels: list[str]) -> None:
