@@ -375,7 +375,7 @@ def _extra_texts(
         kept = ", ".join(f"{op} {tally['kept']:,}" for op, tally in augmented.report["operations"].items())
         reused = " (kept from the interrupted run)" if augmented.report.get("reused") else ""
         lines.append(f"augmented: +{len(augmented.texts):,} copies of the training texts ({kept}){reused}")
-        lines.extend(f"[yellow]augmentation: {warning}[/yellow]" for warning in augmented.report.get("warnings", []))
+        lines.extend(f"[yellow]warning:[/yellow] augmentation: {w}" for w in augmented.report.get("warnings", []))
     if transfer is not None:
         data.audit["transfer_data"] = summary(transfer.report)
         dropped = transfer.report["dropped"]
