@@ -17,6 +17,9 @@ selection instead of the threshold; their runs and rows are named ``self_trainin
 (``train.semi_supervised.teacher``): with ``--teacher both`` it is a second round of ``both`` that costs
 one round, not two. Its runs and rows are named ``<condition>-from-<RUN>``.
 
+``--agreement neighbour`` (or ``centroid``) keeps only the pseudo labels that the pretrained model's sentence
+embeddings agree with (``train.semi_supervised.agreement``); its runs and rows get ``-agree-<view>``.
+
 ``--cjk-units words`` augments Chinese text by whole words (jieba) instead of characters
 (``data.augment.cjk_units``); the augmenting conditions' runs and rows get ``-words`` in their names.
 
@@ -122,6 +125,8 @@ def run_name(condition: str, args: argparse.Namespace) -> str:
         return name
     if args.selection == "proportional":
         name += "-proportional"
+    if args.agreement != "none":
+        name += f"-agree-{args.agreement}"
     return f"{name}-from-{args.teacher}" if args.teacher else name
 
 
@@ -144,6 +149,8 @@ def condition_config(name: str, folder: Path, condition: str, args: argparse.Nam
             semi["threshold"] = args.threshold
         if args.teacher:
             semi["teacher"] = str(folder / args.teacher)
+        if args.agreement != "none":
+            semi["agreement"] = args.agreement
         raw["train"]["semi_supervised"] = semi
     return raw
 
@@ -180,10 +187,12 @@ def train_condition(name: str, folder: Path, condition: str, args: argparse.Name
         "threshold": args.threshold if _self_training(condition) and args.selection == "threshold" else None,
         "fraction": args.fraction if _self_training(condition) and args.selection == "proportional" else None,
         "teacher": args.teacher if _self_training(condition) else None,
+        "agreement": args.agreement if _self_training(condition) else None,
         "cjk_units": args.cjk_units if _augmenting(condition) else None,
         "minutes": round((time.perf_counter() - started) / 60, 2),
         "test": _test_scores(run),
         "self_training": _rounds(run),
+        "pseudo_labels_right": _pseudo_labels_right(name, run),
     }
     append_result(RESULTS, record)
 
@@ -191,6 +200,23 @@ def train_condition(name: str, folder: Path, condition: str, args: argparse.Name
 def _test_scores(run: Path) -> dict[str, float]:
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     return {key: metrics["test"][key] for key in ("accuracy", "macro_f1")}
+
+
+def _pseudo_labels_right(name: str, run: Path) -> float | None:
+    """The share of the published round's pseudo labels that match the labels the benchmark withheld."""
+    path = run / "pseudo_labels.csv"
+    if not path.is_file():
+        return None
+    from tuneforge.data import normalise_for_matching
+
+    # Matched as training matches texts (case, width and spacing aside): reading the data tidies some texts.
+    train, _, text_column, label_column, _ = _source(name)
+    truth: dict[str, str] = {}
+    for text, label in _read(train, text_column, label_column):
+        truth.setdefault(normalise_for_matching(text), label)
+    rows = _read(path, "text", "label")
+    right = sum(truth.get(normalise_for_matching(text)) == label for text, label in rows)
+    return round(100 * right / max(1, len(rows)), 2)
 
 
 def _rounds(run: Path) -> Any:
@@ -201,7 +227,7 @@ def _rounds(run: Path) -> Any:
     return {
         "published_round": info.get("published_round"),
         "rounds": [
-            {key: item.get(key) for key in ("index", "pseudo_labelled", "validation", "test")}
+            {key: item.get(key) for key in ("index", "pseudo_labelled", "left_out_by_agreement", "validation", "test")}
             for item in info.get("rounds", [])
         ],
     }
@@ -301,6 +327,7 @@ def main() -> None:
     parser.add_argument("--phase", choices=["train", "report", "check-pseudo"], default="train")
     parser.add_argument("--labeller", default="plain", help="check-pseudo: the finished run that scores the pool")
     parser.add_argument("--teacher", default=None, help="the seed's finished run that labels round 1, e.g. both")
+    parser.add_argument("--agreement", choices=["none", "neighbour", "centroid"], default="none")
     parser.add_argument("--cjk-units", choices=["characters", "words"], default="characters", help="augmenting CJK")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]

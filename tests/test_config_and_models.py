@@ -207,3 +207,17 @@ def test_weights_that_do_not_fit_their_config_are_a_clear_error(tiny_model_dir: 
     expected = r"intermediate\.dense\.bias has shape \(64,\) in the checkpoint but \(48,\).*6 such weights"
     with pytest.raises(ModelError, match=expected):
         load_base_for_classification(ModelConfig(name=str(folder), max_length=32), ["a", "b"])
+
+
+def test_sentence_embeddings_are_unit_mean_pools_that_padding_does_not_change(tiny_model_dir: Path) -> None:
+    from tuneforge.config import ModelConfig
+    from tuneforge.models.loading import sentence_embeddings
+
+    cfg = ModelConfig(name=str(tiny_model_dir), max_length=32)
+    short, long = "good film", "a bad sad dull long film that goes on and on 7"
+    together = sentence_embeddings(cfg, [short, long, short], batch_size=8)  # short padded to long's length
+    alone = sentence_embeddings(cfg, [short], batch_size=8)
+    assert together.shape == (3, 32)
+    assert torch.allclose(torch.from_numpy(together[0]), torch.from_numpy(alone[0]), atol=1e-5)
+    assert torch.allclose(torch.from_numpy(together).norm(dim=1), torch.ones(3), atol=1e-5)
+    assert not torch.allclose(torch.from_numpy(together[0]), torch.from_numpy(together[1]), atol=1e-3)

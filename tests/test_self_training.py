@@ -6,10 +6,12 @@ import copy
 import csv
 import io
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from rich.console import Console
@@ -20,7 +22,13 @@ from tuneforge.errors import ConfigError, DataError, ModelError, RunDirError
 from tuneforge.infer.predictor import Predictor
 from tuneforge.train import loop
 from tuneforge.train.checkpoint import LoopState, has_checkpoint
-from tuneforge.train.self_training import select_proportional, select_pseudo_labels, self_train, work_dir
+from tuneforge.train.self_training import (
+    second_view_labels,
+    select_proportional,
+    select_pseudo_labels,
+    self_train,
+    work_dir,
+)
 
 LABELS = ["x", "y", "z"]
 
@@ -137,6 +145,23 @@ def test_proportional_selection_gives_a_contested_text_to_its_likelier_label() -
 
 
 # --------------------------------------------------------------------------- end to end
+
+
+def _unit(degrees: float) -> list[float]:
+    return [math.cos(math.radians(degrees)), math.sin(math.radians(degrees))]
+
+
+def test_second_view_labels_by_nearest_text_and_by_nearest_centroid() -> None:
+    # a's texts at 0 and 70 degrees (centroid 35), b's at 55: a text at 42 is nearest b's text but a's centroid.
+    labelled = np.array([_unit(0), _unit(70), _unit(55)])
+    names = ["a", "a", "b"]
+    unlabelled = np.array([_unit(42), _unit(5), _unit(60)])
+    assert second_view_labels(unlabelled, labelled, names, method="neighbour") == ["b", "a", "b"]
+    assert second_view_labels(unlabelled, labelled, names, method="centroid") == ["a", "a", "b"]
+    with pytest.raises(ValueError, match="3 labelled embeddings for 2 labels"):
+        second_view_labels(unlabelled, labelled, names[:2], method="neighbour")
+    with pytest.raises(ValueError, match="neighbour or centroid"):
+        second_view_labels(unlabelled, labelled, names, method="knn")
 
 
 def _st_config(
@@ -283,6 +308,32 @@ def test_proportional_self_training_labels_a_growing_share_each_round(
     added = list(csv.reader(io.StringIO(recorder.calls[2]["train"])))[1 + len(labelled_rows) :]
     assert [[row["text"], row["label"]] for row in kept] == added
     assert all(0 < float(row["probability"]) <= 1 for row in kept)
+
+
+def test_agreement_keeps_only_pseudo_labels_the_pretrained_embeddings_agree_with(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tuneforge.models.loading import sentence_embeddings
+
+    raw = _st_config(tiny_model_dir, tmp_path, epochs=20, rounds=1, threshold=0.6, agreement="neighbour")
+    recorder = _Recorder(monkeypatch)
+    out = io.StringIO()
+    config = validate_config(raw)
+    self_train(config, show_progress=False, console=Console(file=out, width=200))
+
+    record = json.loads((tmp_path / "run" / "self_training.json").read_text())["rounds"][1]
+    assert 0 < record["left_out_by_agreement"] < 95
+    assert record["pseudo_labelled"] > 0
+    assert f"disagrees with round-0 on {record['left_out_by_agreement']} of 95 unlabelled texts" in out.getvalue()
+    labelled = list(csv.reader(io.StringIO(recorder.calls[0]["train"])))[1:]
+    added = list(csv.reader(io.StringIO(recorder.calls[1]["train"])))[1 + len(labelled) :]
+    assert len(added) == record["pseudo_labelled"]
+    # Every pseudo label is the one the nearest labelled training text has in the pretrained model's space.
+    rows = sentence_embeddings(config.model, [t for t, _ in labelled] + [t for t, _ in added])
+    view = second_view_labels(
+        rows[len(labelled) :], rows[: len(labelled)], [y for _, y in labelled], method="neighbour"
+    )
+    assert view == [y for _, y in added]
 
 
 def test_resume_keeps_finished_rounds_and_continues_the_interrupted_one(

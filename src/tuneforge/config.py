@@ -170,6 +170,13 @@ class SelfTrainingConfig(_Section):
     balance_ratio: float = Field(
         3.0, ge=1.0, description="With max_per_label None: cap per label, as a multiple of the median label's."
     )
+    agreement: Literal["none", "neighbour", "centroid"] = Field(
+        "none",
+        description="A second opinion on each pseudo label, from the pretrained model's sentence embeddings "
+        "(no training): neighbour: the label of the most similar labelled training text; centroid: the label "
+        "whose labelled texts' mean embedding is most similar. A text whose two labels differ is left out "
+        "before the selection. none: the model's label alone.",
+    )
     publish: Literal["last", "best"] = Field(
         "last",
         description="Which round becomes the run: the last, or the best on validation (worth it only with a "

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 from tuneforge.config import ModelConfig
 from tuneforge.data.batching import collate
@@ -73,6 +79,43 @@ def load_base_for_classification(cfg: ModelConfig, labels: list[str]) -> tuple[t
     if getattr(model.config, PRUNED_HEADS_KEY, None):
         restore_pruning(model)  # keep pruned heads out while training a pruned model further
     return model, [*info.get("missing_keys", []), *(key for key, _, _ in head)]
+
+
+@torch.inference_mode()
+def sentence_embeddings(
+    cfg: ModelConfig,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 128,
+    on_batch: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """The pretrained encoder ``cfg.name``'s sentence embeddings: its last hidden states averaged over each
+    text's tokens (padding excluded) and scaled to length 1, one row per text, in input order.
+
+    Mean pooling is what sentence-transformers models such as the default all-MiniLM-L6-v2 were trained
+    for, so a dot product of two rows is the similarity those models were built to give.
+    """
+    source = resolve_model(cfg.name, trust_pickle=cfg.trust_pickle)
+    tokenizer = load_tokenizer(cfg)
+    quiet_transformers()
+    try:
+        encoder = AutoModel.from_pretrained(source, use_safetensors=not cfg.trust_pickle).eval()
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.name: cannot load {cfg.name!r}: {str(exc).splitlines()[0]}") from None
+    encoded = tokenizer(list(texts), truncation=True, max_length=cfg.max_length)["input_ids"]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = np.zeros((len(encoded), encoder.config.hidden_size), dtype=np.float32)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        batch = collate([encoded[i] for i in indices], pad_id)
+        hidden = encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        rows[indices] = torch.nn.functional.normalize(pooled, dim=-1).float().numpy()
+        if on_batch is not None:
+            on_batch(len(indices))
+    return rows
 
 
 def load_classifier(model_dir: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:

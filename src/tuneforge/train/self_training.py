@@ -35,16 +35,18 @@ round never trains on labels another model made.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
 import shutil
 import statistics
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 
 from tuneforge.config import RunConfig, SelfTrainingConfig
@@ -52,7 +54,7 @@ from tuneforge.data import normalise_for_matching, prepare_data
 from tuneforge.errors import ConfigError, RunDirError, TuneforgeError
 from tuneforge.files import atomic_replace_dir, atomic_write_json, atomic_write_text
 from tuneforge.infer.predictor import Predictor
-from tuneforge.models.loading import load_tokenizer
+from tuneforge.models.loading import load_tokenizer, sentence_embeddings
 from tuneforge.rundir import RunDir, check_replaceable, is_run_dir, open_run_dir
 from tuneforge.train import loop
 from tuneforge.train.checkpoint import has_checkpoint
@@ -80,6 +82,7 @@ class PseudoLabels:
     cap: int = 0  # the per-label cap that was applied (threshold selection)
     excluded: int = 0  # unlabelled texts skipped because they are labelled data already
     quota: dict[str, int] = field(default_factory=dict)  # per label, what was asked for (proportional selection)
+    disagreed: int | None = None  # texts left out because the second view gave another label (agreement)
 
     def per_label(self, label_names: Sequence[str]) -> dict[str, int]:
         return {name: self.labels.count(name) for name in label_names}
@@ -115,7 +118,7 @@ def select_pseudo_labels(
         if excluded_keys and normalise_for_matching(text) in excluded_keys:
             excluded += 1
             continue
-        best = max(range(len(row)), key=row.__getitem__)  # the first of equal maxima
+        best = _argmax(row)
         if row[best] >= threshold:
             by_label[best].append((float(row[best]), i))
     confident = {label_names[j]: len(found) for j, found in by_label.items()}
@@ -165,7 +168,7 @@ def select_proportional(
         predicted = [0] * n_labels
         for i in candidates:
             row = probabilities[i]
-            predicted[max(range(n_labels), key=row.__getitem__)] += 1
+            predicted[_argmax(row)] += 1
         shares = predicted
     if len(shares) != n_labels:
         raise ValueError(f"{len(shares)} shares for {n_labels} labels")
@@ -200,6 +203,26 @@ def _apportion(total: int, shares: Sequence[float]) -> list[int]:
     for j in by_remainder[: total - sum(parts)]:
         parts[j] += 1
     return parts
+
+
+def second_view_labels(
+    unlabelled: np.ndarray, labelled: np.ndarray, labelled_labels: Sequence[str], *, method: str
+) -> list[str]:
+    """Each unlabelled text's label by a view other than the model's, from embeddings of length 1 (rows):
+    the label of the most similar labelled text (``neighbour``) or of the most similar label centroid, the
+    mean of a label's labelled rows (``centroid``). Ties go to the first labelled text or label."""
+    if len(labelled) != len(labelled_labels) or not len(labelled):
+        raise ValueError(f"{len(labelled)} labelled embeddings for {len(labelled_labels)} labels")
+    if method == "neighbour":
+        nearest = (unlabelled @ labelled.T).argmax(axis=1)
+        return [labelled_labels[j] for j in nearest]
+    if method == "centroid":
+        names = sorted(set(labelled_labels))
+        member = np.array(labelled_labels)
+        centroids = np.stack([labelled[member == name].mean(axis=0) for name in names])
+        centroids /= np.linalg.norm(centroids, axis=1, keepdims=True).clip(min=1e-12)
+        return [names[j] for j in (unlabelled @ centroids.T).argmax(axis=1)]
+    raise ValueError(f"agreement method must be neighbour or centroid, not {method!r}")
 
 
 def work_dir(target: Path | str) -> Path:
@@ -262,6 +285,11 @@ def self_train(
         f"rounds {st.rounds}, "
         + (f"threshold {st.threshold}" if st.selection == "threshold" else f"proportional, fraction {st.fraction}")
     )
+    second_view = (
+        None
+        if st.agreement == "none"
+        else _second_view(config, data.train.texts, data.train.labels, unlabelled, console, show_progress)
+    )
     rounds: list[dict[str, Any]] = []
     previous: list[tuple[str, str]] | None = None
     stopped = None
@@ -285,6 +313,7 @@ def self_train(
                 config,
                 console,
                 show_progress,
+                second_view,
             )
             selection = sorted(zip(pseudo.texts, pseudo.labels, strict=True))
             if not pseudo.texts:
@@ -454,9 +483,11 @@ def _pseudo_labels(
     config: RunConfig,
     console: Console,
     show_progress: bool,
+    second_view: Callable[[], list[str]] | None = None,
 ) -> PseudoLabels:
     """Round ``k``'s pseudo labels: reused while the model that made them is unchanged, else made again
-    (and then the round's run, trained on other labels, is dropped)."""
+    (and then the round's run, trained on other labels, is dropped). With ``second_view`` (one label per
+    unlabelled text), only the texts on which it and the model agree are offered to the selection."""
     meta_file = work / f"round-{k}-pseudo.json"
     fingerprint = _digest(json.dumps([_run_fingerprint(labeller), unlabelled_digest, st.model_dump(mode="json")]))
     if meta_file.is_file():
@@ -471,15 +502,26 @@ def _pseudo_labels(
                 cap=meta["cap"],
                 excluded=meta["excluded"],
                 quota=meta.get("quota", {}),
+                disagreed=meta.get("disagreed"),
             )
     for stale in (work / f"round-{k}", loop.staging_dir(work / f"round-{k}")):
         if stale.exists():
             check_replaceable(stale, option="output.dir")
             shutil.rmtree(stale)
     probabilities = _predict(labeller, unlabelled, label_names, config, console, show_progress)
+    pool, disagreed = unlabelled, None
+    if second_view is not None:
+        other = second_view()
+        agreeing = [i for i, row in enumerate(probabilities) if label_names[_argmax(row)] == other[i]]
+        disagreed = len(unlabelled) - len(agreeing)
+        pool, probabilities = [unlabelled[i] for i in agreeing], [probabilities[i] for i in agreeing]
+        console.print(
+            f"self-training round {k}: the {st.agreement} view disagrees with {labeller.name} on {disagreed} of "
+            f"{len(unlabelled)} unlabelled texts; they are left out"
+        )
     if st.selection == "threshold":
         pseudo = select_pseudo_labels(
-            unlabelled,
+            pool,
             probabilities,
             label_names,
             threshold=st.threshold,
@@ -489,13 +531,15 @@ def _pseudo_labels(
         )
     else:
         pseudo = select_proportional(
-            unlabelled,
+            pool,
             probabilities,
             label_names,
             fraction=min(1.0, k * st.fraction),
             shares=labelled_counts if st.proportions == "labelled" else None,
             exclude=labelled,
         )
+    if disagreed is not None:
+        pseudo = dataclasses.replace(pseudo, disagreed=disagreed)
     rows = [[t, y, round(p, 6)] for t, y, p in zip(pseudo.texts, pseudo.labels, pseudo.probabilities, strict=True)]
     meta = {
         "fingerprint": fingerprint,
@@ -504,10 +548,47 @@ def _pseudo_labels(
         "cap": pseudo.cap,
         "excluded": pseudo.excluded,
         "quota": pseudo.quota,
+        "disagreed": pseudo.disagreed,
         "rows": rows,
     }
     atomic_write_json(meta_file, meta)
     return pseudo
+
+
+def _argmax(row: Sequence[float]) -> int:
+    return max(range(len(row)), key=row.__getitem__)  # the first of equal maxima
+
+
+def _second_view(
+    config: RunConfig,
+    labelled_texts: Sequence[str],
+    labelled_labels: Sequence[str],
+    unlabelled: Sequence[str],
+    console: Console,
+    show_progress: bool,
+) -> Callable[[], list[str]]:
+    """The agreement view's labels for the unlabelled texts, embedded once and only if a round needs them
+    (a resumed run whose pseudo labels are all kept never loads the encoder)."""
+    found: list[list[str]] = []
+
+    def labels() -> list[str]:
+        if not found:
+            texts = [*labelled_texts, *unlabelled]
+            with progress_bar(console, show_progress) as progress:
+                task = progress.add_task("embed", total=len(texts), info=config.model.name)
+                rows = sentence_embeddings(
+                    config.model,
+                    texts,
+                    batch_size=config.train.eval_batch_size,
+                    on_batch=lambda n: progress.advance(task, n),
+                )
+            cut = len(labelled_texts)
+            assert config.train.semi_supervised is not None
+            method = config.train.semi_supervised.agreement
+            found.append(second_view_labels(rows[cut:], rows[:cut], labelled_labels, method=method))
+        return found[0]
+
+    return labels
 
 
 def _predict(
@@ -573,6 +654,8 @@ def _round_record(
         record["quota_per_label"] = pseudo.quota
     if pseudo is not None:
         record["skipped_as_labelled"] = pseudo.excluded
+    if pseudo is not None and pseudo.disagreed is not None:
+        record["left_out_by_agreement"] = pseudo.disagreed
     if "test" in metrics:
         record["test"] = {"accuracy": metrics["test"]["accuracy"], "macro_f1": metrics["test"]["macro_f1"]}
     return record
