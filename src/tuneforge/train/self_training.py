@@ -1,7 +1,9 @@
 """Self-training (noisy-student style): label unlabelled texts with a model, keep the labels it is surest
 of (``selection: threshold``: those above a probability; ``proportional``: a growing share of the texts,
 per label the likeliest), train again from the pretrained model on the labelled and pseudo-labelled
-texts, and repeat.
+texts, and repeat. With ``agreement``, a text is a candidate only when a second view agrees with the
+model: the label of its nearest labelled text (or label centroid) in the pretrained model's sentence
+embeddings, whose mistakes are not the fine-tuned model's.
 
 Every round is an ordinary tuneforge run trained by ``loop.train``. The labelled data is split once,
 and the split files are what every round reads, so every round trains on the same labelled rows,
