@@ -290,7 +290,7 @@ def self_train(
     second_view = (
         None
         if st.agreement == "none"
-        else _second_view(config, data.train.texts, data.train.labels, unlabelled, console, show_progress)
+        else _second_view(config, st.agreement, data.train.texts, data.train.labels, unlabelled, console, show_progress)
     )
     rounds: list[dict[str, Any]] = []
     previous: list[tuple[str, str]] | None = None
@@ -563,6 +563,7 @@ def _argmax(row: Sequence[float]) -> int:
 
 def _second_view(
     config: RunConfig,
+    method: str,
     labelled_texts: Sequence[str],
     labelled_labels: Sequence[str],
     unlabelled: Sequence[str],
@@ -585,8 +586,6 @@ def _second_view(
                     on_batch=lambda n: progress.advance(task, n),
                 )
             cut = len(labelled_texts)
-            assert config.train.semi_supervised is not None
-            method = config.train.semi_supervised.agreement
             found.append(second_view_labels(rows[cut:], rows[:cut], labelled_labels, method=method))
         return found[0]
 
