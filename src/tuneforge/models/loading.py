@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -105,9 +105,7 @@ def sentence_embeddings(
     encoded = tokenizer(list(texts), truncation=True, max_length=cfg.max_length)["input_ids"]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = np.zeros((len(encoded), encoder.config.hidden_size), dtype=np.float32)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
-    for start in range(0, len(order), batch_size):
-        indices = order[start : start + batch_size]
+    for indices in _length_sorted_batches(encoded, batch_size):
         batch = collate([encoded[i] for i in indices], pad_id)
         hidden = encoder(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -208,12 +206,10 @@ def _predict(
     logits = np.zeros((len(encoded), num_labels), dtype=np.float32)
     head_inputs = _HeadInputs(model) if features else None
     feature_rows: np.ndarray | None = None
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
     # The model's device (a GPU when the caller put it there); a model without parameters runs on the CPU.
     device = next(model.parameters(), torch.empty(0)).device
     try:
-        for start in range(0, len(order), batch_size):
-            indices = order[start : start + batch_size]
+        for indices in _length_sorted_batches(encoded, batch_size):
             batch = {key: value.to(device) for key, value in collate([encoded[i] for i in indices], pad_id).items()}
             logits[indices] = model(**batch).logits.float().cpu().numpy()
             if head_inputs is not None and head_inputs.captured is not None:
@@ -231,6 +227,13 @@ def _predict(
         width = classifier_head(model).in_features
         feature_rows = np.zeros((0, width), dtype=np.float32)
     return logits, feature_rows
+
+
+def _length_sorted_batches(encoded: list[list[int]], batch_size: int) -> Iterator[list[int]]:
+    """Indices of ``encoded`` in batches of similar length, longest first, so that padding is minimal."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

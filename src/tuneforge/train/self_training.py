@@ -37,14 +37,14 @@ round never trains on labels another model made.
 from __future__ import annotations
 
 import csv
-import dataclasses
+import functools
 import hashlib
 import io
 import json
 import shutil
 import statistics
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -541,7 +541,7 @@ def _pseudo_labels(
             exclude=labelled,
         )
     if disagreed is not None:
-        pseudo = dataclasses.replace(pseudo, disagreed=disagreed)
+        pseudo = replace(pseudo, disagreed=disagreed)
     rows = [[t, y, round(p, 6)] for t, y, p in zip(pseudo.texts, pseudo.labels, pseudo.probabilities, strict=True)]
     meta = {
         "fingerprint": fingerprint,
@@ -572,22 +572,20 @@ def _second_view(
 ) -> Callable[[], list[str]]:
     """The agreement view's labels for the unlabelled texts, embedded once and only if a round needs them
     (a resumed run whose pseudo labels are all kept never loads the encoder)."""
-    found: list[list[str]] = []
 
+    @functools.cache
     def labels() -> list[str]:
-        if not found:
-            texts = [*labelled_texts, *unlabelled]
-            with progress_bar(console, show_progress) as progress:
-                task = progress.add_task("embed", total=len(texts), info=config.model.name)
-                rows = sentence_embeddings(
-                    config.model,
-                    texts,
-                    batch_size=config.train.eval_batch_size,
-                    on_batch=lambda n: progress.advance(task, n),
-                )
-            cut = len(labelled_texts)
-            found.append(second_view_labels(rows[cut:], rows[:cut], labelled_labels, method=method))
-        return found[0]
+        texts = [*labelled_texts, *unlabelled]
+        with progress_bar(console, show_progress) as progress:
+            task = progress.add_task("embed", total=len(texts), info=config.model.name)
+            rows = sentence_embeddings(
+                config.model,
+                texts,
+                batch_size=config.train.eval_batch_size,
+                on_batch=lambda n: progress.advance(task, n),
+            )
+        cut = len(labelled_texts)
+        return second_view_labels(rows[cut:], rows[:cut], labelled_labels, method=method)
 
     return labels
 
