@@ -116,7 +116,7 @@ def main() -> None:
     run_tuneforge("train", str(config_file), "--overwrite", "--no-progress")
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     with (out / "train_log.jsonl").open(encoding="utf-8") as handle:
-        evals = [json.loads(line) for line in handle if '"eval"' in line]
+        evals = [entry for entry in map(json.loads, handle) if "eval" in entry]
     record = append_result(
         RESULTS,
         {
