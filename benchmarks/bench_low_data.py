@@ -20,6 +20,9 @@ one round, not two. Its runs and rows are named ``<condition>-from-<RUN>``.
 ``--agreement neighbour`` (or ``centroid``) keeps only the pseudo labels that the pretrained model's sentence
 embeddings agree with (``train.semi_supervised.agreement``); its runs and rows get ``-agree-<view>``.
 
+``--keep last`` keeps each run's (and each round's) last epoch instead of its best on the small validation
+split (``train.keep``); its runs and rows get ``-keep-last``.
+
 ``--cjk-units words`` augments Chinese text by whole words (jieba) instead of characters
 (``data.augment.cjk_units``); the augmenting conditions' runs and rows get ``-words`` in their names.
 
@@ -121,6 +124,8 @@ def run_name(condition: str, args: argparse.Namespace) -> str:
     name = condition
     if _augmenting(condition) and args.cjk_units == "words":
         name += "-words"
+    if args.keep == "last":
+        name += "-keep-last"
     if not _self_training(condition):
         return name
     if args.selection == "proportional":
@@ -135,7 +140,7 @@ def condition_config(name: str, folder: Path, condition: str, args: argparse.Nam
     raw: dict[str, Any] = {
         "model": {"name": model},
         "data": {"train": str(folder / "labelled.csv"), "test": str(folder / "test.csv")},
-        "train": {"min_train_samples": args.budget, "seed": 42},
+        "train": {"min_train_samples": args.budget, "seed": 42, "keep": args.keep},
         "output": {"dir": str(folder / run_name(condition, args))},
     }
     if _augmenting(condition):
@@ -189,6 +194,7 @@ def train_condition(name: str, folder: Path, condition: str, args: argparse.Name
         "teacher": args.teacher if _self_training(condition) else None,
         "agreement": args.agreement if _self_training(condition) else None,
         "cjk_units": args.cjk_units if _augmenting(condition) else None,
+        "keep": args.keep,
         "minutes": round((time.perf_counter() - started) / 60, 2),
         "test": _test_scores(run),
         "self_training": _rounds(run),
@@ -328,6 +334,7 @@ def main() -> None:
     parser.add_argument("--labeller", default="plain", help="check-pseudo: the finished run that scores the pool")
     parser.add_argument("--teacher", default=None, help="the seed's finished run that labels round 1, e.g. both")
     parser.add_argument("--agreement", choices=["none", "neighbour", "centroid"], default="none")
+    parser.add_argument("--keep", choices=["best", "last"], default="best", help="train.keep of every run")
     parser.add_argument("--cjk-units", choices=["characters", "words"], default="characters", help="augmenting CJK")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]

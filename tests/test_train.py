@@ -72,6 +72,42 @@ def test_early_stopping_stops_and_keeps_the_best(tiny_model_dir: Path, tiny_data
     assert info["steps"] == 4 and info["best_step"] == 2
 
 
+def test_keep_last_keeps_the_end_of_training_not_the_best(
+    tiny_model_dir: Path, tiny_data: dict, tmp_path: Path
+) -> None:
+    # 8 steps per epoch, 24 in all; evaluated every 5 steps, so the end of training falls between evaluations.
+    runs = {}
+    for keep in ("best", "last"):
+        raw = tiny_config(
+            tiny_model_dir, tiny_data, tmp_path / keep, eval_every_steps=5, early_stopping_patience=None, keep=keep
+        )
+        runs[keep] = train(validate_config(raw), show_progress=False)
+    best, last = (runs[keep].metrics["train"] for keep in ("best", "last"))
+    assert best["steps"] == last["steps"] == 24
+    assert best["best_step"] == last["best_step"] < 24, "one trajectory, whose best is not its end"
+    assert (best["kept"], best["kept_step"]) == ("best", best["best_step"])
+    assert (last["kept"], last["kept_step"]) == ("last", 24)
+
+    def evaluations(run: Path) -> list[dict]:
+        log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+        return [record for record in log if "eval" in record]
+
+    # keep: last judges the end of training too; keep: best leaves it as it always has.
+    assert [r["step"] for r in evaluations(tmp_path / "best")] == [5, 10, 15, 20]
+    assert [r["step"] for r in evaluations(tmp_path / "last")] == [5, 10, 15, 20, 24]
+    kept_best = load_file(tmp_path / "best" / "model" / "model.safetensors")
+    kept_last = load_file(tmp_path / "last" / "model" / "model.safetensors")
+    assert any(not torch.equal(kept_best[name], kept_last[name]) for name in kept_best)
+    # The finished run scores the files it kept: the last evaluation's model, not the best one's.
+    assert runs["last"].metrics["validation"]["accuracy"] == evaluations(tmp_path / "last")[-1]["accuracy"]
+    assert runs["best"].metrics["validation"]["accuracy"] == best["best_validation_accuracy"]
+
+
+def test_keep_accepts_best_or_last_only(tiny_model_dir: Path, tiny_data: dict, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train\.keep"):
+        validate_config(tiny_config(tiny_model_dir, tiny_data, tmp_path / "run", keep="first"))
+
+
 @pytest.mark.parametrize("ema_decay", [None, 0.8], ids=["live-weights", "weight-average"])
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(
     tiny_model_dir: Path, tiny_data: dict, tmp_path: Path, ema_decay: float | None

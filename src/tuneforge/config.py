@@ -264,6 +264,12 @@ class TrainConfig(_Section):
     early_stopping_patience: int | None = Field(
         3, ge=1, description="Evaluations without improvement before stopping; None disables."
     )
+    keep: Literal["best", "last"] = Field(
+        "best",
+        description="Which weights become the run's model: the best on validation, or the last evaluated (the "
+        "end of training, or where early stopping stopped it). last suits a validation split too small to "
+        "rank checkpoints (a few texts per label), where best picks by noise.",
+    )
     metric: Literal["accuracy", "macro_f1"] = "accuracy"
     eval_every_steps: int | None = Field(None, ge=1, description="None: evaluate once per epoch.")
     checkpoint_every_steps: int = Field(200, ge=1)

@@ -155,7 +155,12 @@ def _loop(s: _Session, console: Console, show_progress: bool, on_step: Callable[
                     on_step(state)
             if not state.done:
                 state.epoch, state.batch = state.epoch + 1, 0
-                if not tcfg.eval_every_steps:
+                # With keep: last, the end of training is what the run keeps, so it is judged even when it
+                # falls between two step-based evaluations.
+                unjudged_end = (
+                    tcfg.keep == "last" and state.epoch == s.epochs and state.step % (tcfg.eval_every_steps or 1) != 0
+                )
+                if not tcfg.eval_every_steps or unjudged_end:
                     _evaluate_and_track(s, progress.console)
                 _checkpoint(s)
 
@@ -483,10 +488,10 @@ def _evaluate_and_track(s: _Session, console: Console) -> None:
         improved = state.best is None or score > state.best
         if improved:
             state.best, state.best_step, state.bad_evals = score, state.step, 0
-            if s.here.is_main:
-                _save_model(s.run, s.cfg, s.model, s.tokenizer, s.data.labels)
         else:
             state.bad_evals += 1
+        if (improved or tcfg.keep == "last") and s.here.is_main:
+            _save_model(s.run, s.cfg, s.model, s.tokenizer, s.data.labels)
     record = {
         "step": state.step,
         "epoch": state.epoch,
@@ -498,7 +503,8 @@ def _evaluate_and_track(s: _Session, console: Console) -> None:
     }
     if s.here.is_main:
         _append_log(s.run, record)
-    console.print(f"step {state.step}: validation {tcfg.metric} {score:.2f}" + (" (best, saved)" if improved else ""))
+    saved = " (best, saved)" if improved else " (saved: keep last)" if tcfg.keep == "last" else ""
+    console.print(f"step {state.step}: validation {tcfg.metric} {score:.2f}{saved}")
     patience = tcfg.early_stopping_patience
     if patience is not None and state.bad_evals >= patience:
         state.done = True
@@ -599,6 +605,8 @@ def _finish_run(s: _Session, console: Console) -> dict[str, Any]:
         "train_seconds": round(state.train_seconds, 1),
         "best_step": state.best_step,
         f"best_validation_{cfg.train.metric}": state.best,
+        "kept": cfg.train.keep,
+        "kept_step": state.best_step if cfg.train.keep == "best" else state.step,
         "stopped_early": state.done,
         **s.counts,
     }
