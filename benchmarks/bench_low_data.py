@@ -208,6 +208,18 @@ def _test_scores(run: Path) -> dict[str, float]:
     return {key: metrics["test"][key] for key in ("accuracy", "macro_f1")}
 
 
+def withheld_labels(name: str) -> dict[str, str]:
+    """Every training text's true label, keyed as training matches texts (case, width and spacing aside:
+    reading the data tidies some texts), to check pseudo labels against."""
+    from tuneforge.data import normalise_for_matching
+
+    train, _, text_column, label_column, _ = _source(name)
+    truth: dict[str, str] = {}
+    for text, label in _read(train, text_column, label_column):
+        truth.setdefault(normalise_for_matching(text), label)
+    return truth
+
+
 def _pseudo_labels_right(name: str, run: Path) -> float | None:
     """The share of the published round's pseudo labels that match the labels the benchmark withheld."""
     path = run / "pseudo_labels.csv"
@@ -215,11 +227,7 @@ def _pseudo_labels_right(name: str, run: Path) -> float | None:
         return None
     from tuneforge.data import normalise_for_matching
 
-    # Matched as training matches texts (case, width and spacing aside): reading the data tidies some texts.
-    train, _, text_column, label_column, _ = _source(name)
-    truth: dict[str, str] = {}
-    for text, label in _read(train, text_column, label_column):
-        truth.setdefault(normalise_for_matching(text), label)
+    truth = withheld_labels(name)
     rows = _read(path, "text", "label")
     right = sum(truth.get(normalise_for_matching(text)) == label for text, label in rows)
     return round(100 * right / max(1, len(rows)), 2)

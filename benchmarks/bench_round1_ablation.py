@@ -11,6 +11,8 @@ changing one thing at a time, so that a difference is the change and not a diffe
 - ``--augment none``: no augmentation at all;
 - ``--epochs N``: a fixed number of epochs instead of the budget (``train.min_train_samples`` 20,000, at
   least 3 epochs); early stopping (patience 3 on validation) still applies;
+- ``--oracle``: a diagnostic: the pseudo-labelled texts keep their true labels (the ones the benchmark
+  withheld), so the run shows what the same texts would give without a wrong pseudo label among them;
 - ``--prepare-only``: write the training files and the config and stop;
 - ``--validate-on-test``: a diagnostic, not a result: the test set is the validation split, so the log's
   per-epoch validation accuracy is the test accuracy after each epoch (and the kept checkpoint is chosen
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_data import RESULTS_DIR, append_result, run_tuneforge, write_config
+from bench_low_data import withheld_labels
 
 RESULTS = RESULTS_DIR / "round1_ablation.jsonl"
 LOW_DATA = RESULTS_DIR / "low_data"
@@ -53,6 +56,8 @@ def _run_name(args: argparse.Namespace) -> str:
         name += f"-r{args.rate}"
     if args.epochs:
         name += f"-e{args.epochs}"
+    if args.oracle:
+        name += "-oracle"
     return name + ("-valtest" if args.validate_on_test else "")
 
 
@@ -66,6 +71,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.1, help="data.augment.rate")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--validate-on-test", action="store_true")
+    parser.add_argument("--oracle", action="store_true", help="the pseudo-labelled texts with their true labels")
     parser.add_argument("--prepare-only", action="store_true", help="write the run's files and config, train nothing")
     args = parser.parse_args()
 
@@ -84,6 +90,11 @@ def main() -> None:
     data = prepare_data(config.data, seed=config.train.seed)  # the same labelled/validation split as the run
     with (source / "pseudo_labels.csv").open(encoding="utf-8", newline="") as handle:
         pseudo = [(row["text"], row["label"]) for row in csv.DictReader(handle)]
+    if args.oracle:
+        from tuneforge.data import normalise_for_matching
+
+        truth = withheld_labels(args.dataset)
+        pseudo = [(text, truth[normalise_for_matching(text)]) for text, _ in pseudo]
     labelled = list(zip(data.train.texts, data.train.labels, strict=True))
     if args.augment == "labelled":
         options = augment_options(config.data.augment.model_copy(update={"rate": args.rate}), config)
@@ -130,6 +141,7 @@ def main() -> None:
             "labelled_rows": len(labelled),
             "pseudo_rows": len(pseudo),
             "validate_on_test": args.validate_on_test,
+            "oracle": args.oracle,
             "per_epoch_validation": [round(e["value"], 2) for e in evals],
             "test_accuracy": round(metrics["test"]["accuracy"], 2),
             "test_macro_f1": round(metrics["test"]["macro_f1"], 2),
