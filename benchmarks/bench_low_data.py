@@ -20,6 +20,8 @@ one round, not two. Its runs and rows are named ``<condition>-from-<RUN>``.
 ``--agreement neighbour`` (or ``centroid``) keeps only the pseudo labels that the pretrained model's sentence
 embeddings agree with (``train.semi_supervised.agreement``); its runs and rows get ``-agree-<view>``.
 
+``--threshold T`` other than 0.7 names the self-training runs ``-t<T>``.
+
 ``--keep last`` keeps each run's (and each round's) last epoch instead of its best on the small validation
 split (``train.keep``); its runs and rows get ``-keep-last``.
 
@@ -111,6 +113,10 @@ def write_setting(name: str, per_label: int, seed: int) -> Path:
     return folder
 
 
+#: train.semi_supervised.threshold's default; another threshold is named in the run's folder.
+DEFAULT_THRESHOLD = 0.7
+
+
 def _self_training(condition: str) -> bool:
     return condition in ("self_training", "both")
 
@@ -130,6 +136,8 @@ def run_name(condition: str, args: argparse.Namespace) -> str:
         return name
     if args.selection == "proportional":
         name += "-proportional"
+    elif args.threshold != DEFAULT_THRESHOLD:
+        name += f"-t{args.threshold}"
     if args.agreement != "none":
         name += f"-agree-{args.agreement}"
     return f"{name}-from-{args.teacher}" if args.teacher else name
@@ -334,7 +342,7 @@ def main() -> None:
     parser.add_argument("--conditions", default=",".join(CONDITIONS))
     parser.add_argument("--budget", type=int, default=20_000, help="train.min_train_samples for every run")
     parser.add_argument("--rounds", type=int, default=1, help="self-training rounds")
-    parser.add_argument("--threshold", type=float, default=0.7, help="self-training confidence threshold")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="self-training confidence threshold")
     parser.add_argument("--selection", choices=["threshold", "proportional"], default="threshold")
     parser.add_argument("--fraction", type=float, default=0.4, help="proportional: share labelled in round 1")
     parser.add_argument("--full", type=float, default=93.1, help="full-data test accuracy, for the gap closed")
