@@ -479,7 +479,8 @@ def _step(s: _Session, group: list[list[int]]) -> str:
 
 
 def _evaluate_and_track(s: _Session, console: Console) -> None:
-    """Score the validation split; keep the model when it is the best so far; decide on early stopping."""
+    """Score the validation split; keep the model when it is the best so far (or always, with keep: last);
+    decide on early stopping."""
     state, tcfg = s.state, s.cfg.train
     # With a weight average, it is the average that is judged and kept; training goes on from the live weights.
     with s.average.applied() if s.average is not None else nullcontext():
@@ -571,8 +572,8 @@ def _truncate_log(run: RunDir, last_step: int) -> None:
 
 
 def _finish(s: _Session, console: Console) -> TrainResult:
-    """Evaluate the kept (best) model exactly as later stages will load it, then swap the run into place
-    (rank 0, while the others wait for its metrics)."""
+    """Evaluate the kept model (best or last: ``train.keep``) exactly as later stages will load it, then swap
+    the run into place (rank 0, while the others wait for its metrics)."""
     return TrainResult(run_dir=s.target, metrics=on_main(s.here, lambda: _finish_run(s, console)))
 
 
