@@ -20,7 +20,8 @@ one round, not two. Its runs and rows are named ``<condition>-from-<RUN>``.
 ``--agreement neighbour`` (or ``centroid``) keeps only the pseudo labels that the pretrained model's sentence
 embeddings agree with (``train.semi_supervised.agreement``); its runs and rows get ``-agree-<view>``.
 
-``--threshold T`` other than 0.7 names the self-training runs ``-t<T>``.
+``--threshold T`` other than 0.7 names the self-training runs ``-t<T>``; ``--rounds N`` other than 1,
+``-rounds<N>``.
 
 ``--keep last`` keeps each run's (and each round's) last epoch instead of its best on the small validation
 split (``train.keep``); its runs and rows get ``-keep-last``.
@@ -138,6 +139,8 @@ def run_name(condition: str, args: argparse.Namespace) -> str:
         name += "-proportional"
     elif args.threshold != DEFAULT_THRESHOLD:
         name += f"-t{args.threshold}"
+    if args.rounds != 1:
+        name += f"-rounds{args.rounds}"
     if args.agreement != "none":
         name += f"-agree-{args.agreement}"
     return f"{name}-from-{args.teacher}" if args.teacher else name
