@@ -157,10 +157,9 @@ def _loop(s: _Session, console: Console, show_progress: bool, on_step: Callable[
                 state.epoch, state.batch = state.epoch + 1, 0
                 # With keep: last, the end of training is what the run keeps, so it is judged even when it
                 # falls between two step-based evaluations.
-                unjudged_end = (
-                    tcfg.keep == "last" and state.epoch == s.epochs and state.step % (tcfg.eval_every_steps or 1) != 0
-                )
-                if not tcfg.eval_every_steps or unjudged_end:
+                if not tcfg.eval_every_steps or (
+                    tcfg.keep == "last" and state.epoch == s.epochs and state.step % tcfg.eval_every_steps
+                ):
                     _evaluate_and_track(s, progress.console)
                 _checkpoint(s)
 
