@@ -19,6 +19,7 @@ interrupted run goes on where it stopped):
 
     python benchmarks/bench_transfer_distill.py --seeds 0,1 --students 6,3
     python benchmarks/bench_transfer_distill.py --phase report
+    python benchmarks/bench_transfer_distill.py --phase agreement --seeds 0 --students 6,3
 
 Results are appended to ``benchmarks/results/transfer_distill.jsonl``; runs go under ``runs/``.
 """
@@ -202,9 +203,7 @@ def sentences_per_second(runs: dict[str, Path], rounds: int = 3) -> dict[str, fl
     from tuneforge.infer.predictor import Predictor
 
     torch.set_num_threads(os.cpu_count() or 1)
-    data = dataset("sst2")
-    with data.evaluation.open(encoding="utf-8", newline="") as handle:
-        texts = [row[data.text_column] for row in csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    texts, _ = dev_texts()
     predictors = {name: Predictor(path, batch_size=32, open_set=False) for name, path in runs.items()}
     seen: dict[str, list[float]] = {name: [] for name in runs}
     for predictor in predictors.values():
@@ -218,6 +217,40 @@ def sentences_per_second(runs: dict[str, Path], rounds: int = 3) -> dict[str, fl
     return {name: round(statistics.median(values), 1) for name, values in seen.items()}
 
 
+def dev_texts() -> tuple[list[str], list[str]]:
+    data = dataset("sst2")
+    with data.evaluation.open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return [row[data.text_column] for row in rows], [row[data.label_column] for row in rows]
+
+
+def teacher_agreement(students: dict[tuple[int, int], Path]) -> dict[str, dict[str, float]]:
+    """Where each student's dev errors come from: the sentences it decides as the teacher does, and its
+    errors split by whether the teacher is right."""
+    import numpy as np
+
+    from tuneforge.infer.predictor import Predictor
+
+    texts, gold_labels = dev_texts()
+    gold = np.array(gold_labels)
+
+    def decisions(run: Path) -> Any:
+        predictor = Predictor(run, batch_size=32, open_set=False)
+        return np.array(predictor.labels)[np.asarray(predictor.predict_proba(texts)).argmax(axis=1)]
+
+    teacher = decisions(TEACHER)
+    found = {}
+    for (layers, seed), run in students.items():
+        student = decisions(run)
+        found[f"student{layers}-seed{seed}"] = {
+            "agrees_with_teacher": round(100 * float((student == teacher).mean()), 2),
+            "wrong_where_teacher_right": int(((student != gold) & (teacher == gold)).sum()),
+            "right_where_teacher_wrong": int(((student == gold) & (teacher != gold)).sum()),
+            "both_wrong": int(((student != gold) & (teacher != gold)).sum()),
+        }
+    return found
+
+
 def report() -> None:
     if not RESULTS.is_file():
         raise SystemExit(f"{RESULTS}: no results yet")
@@ -228,7 +261,12 @@ def report() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase", choices=["all", "report"], default="all")
+    parser.add_argument(
+        "--phase",
+        choices=["all", "report", "agreement"],
+        default="all",
+        help="agreement: the kept students' dev decisions against the teacher's (printed, not recorded)",
+    )
     parser.add_argument("--seeds", default="0", help="comma-separated student seeds")
     parser.add_argument("--students", default="6,3", help="student depths: 6 (the default model) and/or 3")
     parser.add_argument("--ops", default="swap,delete,insert,neighbour")
@@ -243,6 +281,10 @@ def main() -> None:
         return
     seeds = [int(s) for s in args.seeds.split(",")]
     depths = [int(d) for d in args.students.split(",")]
+    if args.phase == "agreement":
+        kept = {(layers, seed): student_run(layers, seed, args.tag) for layers in depths for seed in seeds}
+        print(json.dumps(teacher_agreement({key: run for key, run in kept.items() if run.is_dir()}), indent=2))
+        return
     timings: dict[str, float] = {}
     started = time.perf_counter()
     make_teacher(timings)
@@ -258,6 +300,7 @@ def main() -> None:
     if baseline is not None:
         speed_runs = {"fp32-6-layer": baseline, **speed_runs}
     speed = sentences_per_second(speed_runs)
+    agreement = teacher_agreement(students)
     record = {
         "benchmark": "transfer_distill",
         "teacher_dev": dev_scores(TEACHER),
@@ -271,6 +314,7 @@ def main() -> None:
                 "dev": dev_scores(run),
                 "int8_dev": dev_scores(variants[(layers, seed)]),
                 "int8_sentences_per_s": speed[f"student{layers}-seed{seed}-int8"],
+                "teacher_agreement": agreement[f"student{layers}-seed{seed}"],
                 "train_metrics": json.loads((run / "metrics.json").read_text())["train"],
             }
             for (layers, seed), run in students.items()
